@@ -20,6 +20,7 @@ CORE = [
     "safetensors",
     "tqdm",
     "tensorboardX",
+    "opencv-python-headless",
 ]
 
 TEST = [
