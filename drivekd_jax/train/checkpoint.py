@@ -1,0 +1,255 @@
+"""Orbax checkpoints of the train state, the data-iterator state, the RNG and run metadata.
+
+One step folder holds four items:
+  state: the train state pytree (`ocp.args.StandardSave`; typed PRNG keys stored as key data),
+  rng:   the run's base key data,
+  data:  the input iterator's state (JSON),
+  meta:  run metadata (JSON: step, config summary, counters).
+Teachers are never part of the state handed to `save`, so they never reach the disk.
+
+`PreemptionGuard` turns SIGTERM into a flag the training loop polls; the loop then saves and
+returns, so a new launch in the same workdir resumes from that step.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import os
+import signal
+import threading
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+def _is_key(x: Any) -> bool:
+  dtype = getattr(x, "dtype", None)
+  return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def keys_to_data(tree: Any) -> Any:
+  """Replaces typed PRNG key leaves (arrays or ShapeDtypeStructs) by their uint32 key data."""
+
+  def one(x):
+    if not _is_key(x):
+      return x
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.eval_shape(jax.random.key_data, x)
+    return jax.random.key_data(x)
+
+  return jax.tree.map(one, tree)
+
+
+def _key_impl(x: Any) -> Any:
+  # ShapeDtypeStructs carry the implementation only on their key dtype.
+  return x.dtype._impl if isinstance(x, jax.ShapeDtypeStruct) else jax.random.key_impl(x)
+
+
+def data_to_keys(tree: Any, like: Any) -> Any:
+  """Inverse of `keys_to_data`: rewraps key data where `like` holds typed keys."""
+
+  def one(x, ref):
+    if _is_key(ref):
+      return jax.random.wrap_key_data(x, impl=_key_impl(ref))
+    return x
+
+  return jax.tree.map(one, tree, like)
+
+
+def _abstract(tree: Any) -> Any:
+  """ShapeDtypeStructs with shardings for a concrete or abstract tree."""
+
+  def one(x):
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return x
+    if isinstance(x, jax.Array):
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    return ocp.utils.to_shape_dtype_struct(x)
+
+  return jax.tree.map(one, tree)
+
+
+def _json_safe_data_state(data_state: Any) -> Any:
+  """Grain iterators return bytes (DataLoader) or dicts (dataset iterators); store either."""
+  if data_state is None:
+    return {"kind": "none"}
+  if isinstance(data_state, bytes):
+    return {"kind": "bytes", "value": base64.b64encode(data_state).decode("ascii")}
+  return {"kind": "json", "value": json.loads(json.dumps(data_state))}
+
+
+def _from_json_data_state(stored: Any) -> Any:
+  kind = stored.get("kind")
+  if kind == "none":
+    return None
+  if kind == "bytes":
+    return base64.b64decode(stored["value"])
+  return stored["value"]
+
+
+@dataclasses.dataclass
+class Restored:
+  step: int
+  state: Any
+  rng: jax.Array
+  data_state: Any
+  metadata: dict
+
+
+class Checkpointer:
+  """A CheckpointManager with the train state, RNG, iterator state and metadata items.
+
+  Args:
+    directory: absolute (or made absolute) folder for step subfolders.
+    save_interval_steps: periodic saves every this many steps (`save(..., force=True)` ignores it).
+    max_to_keep: keep the newest N checkpoints.
+    async_save: write in a background thread; the loop continues meanwhile.
+  """
+
+  def __init__(
+    self,
+    directory: str,
+    *,
+    save_interval_steps: int = 100,
+    max_to_keep: int = 3,
+    async_save: bool = True,
+  ):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+      save_interval_steps=max(1, int(save_interval_steps)),
+      max_to_keep=max_to_keep,
+      create=True,
+      enable_async_checkpointing=async_save,
+    )
+    self._manager = ocp.CheckpointManager(
+      self.directory, options=options, item_names=("state", "rng", "data", "meta")
+    )
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(
+    self,
+    step: int,
+    state: Any,
+    *,
+    rng: jax.Array,
+    data_state: Any = None,
+    metadata: dict | None = None,
+    force: bool = False,
+  ) -> bool:
+    """Starts saving `step` if due (or forced); returns whether a save was started."""
+    if self._manager.latest_step() is not None and step <= self._manager.latest_step():
+      return False
+    if not force and not self._manager.should_save(step):
+      return False
+    meta = {"step": int(step), **(metadata or {})}
+    rng_data = jax.random.key_data(rng) if _is_key(rng) else rng
+    args = ocp.args.Composite(
+      state=ocp.args.StandardSave(keys_to_data(state)),
+      rng=ocp.args.StandardSave({"key_data": rng_data}),
+      data=ocp.args.JsonSave(_json_safe_data_state(data_state)),
+      meta=ocp.args.JsonSave(json.loads(json.dumps(meta, default=str))),
+    )
+    saved = self._manager.save(step, args=args, force=force)
+    if saved:
+      logging.info("checkpoint: saving step %d to %s", step, self.directory)
+    return saved
+
+  def restore(self, step: int, abstract_state: Any, abstract_rng: Any) -> Restored:
+    """Restores `step` with the shardings carried by the abstract state and rng."""
+    target = _abstract(keys_to_data(abstract_state))
+    rng_target = _abstract({"key_data": keys_to_data(abstract_rng)})
+    restored = self._manager.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target),
+        rng=ocp.args.StandardRestore(rng_target),
+        data=ocp.args.JsonRestore(),
+        meta=ocp.args.JsonRestore(),
+      ),
+    )
+    state = data_to_keys(restored.state, abstract_state)
+    rng = restored.rng["key_data"]
+    if _is_key(abstract_rng):
+      rng = jax.random.wrap_key_data(rng, impl=_key_impl(abstract_rng))
+    return Restored(
+      step=int(step),
+      state=state,
+      rng=rng,
+      data_state=_from_json_data_state(restored.data),
+      metadata=dict(restored.meta),
+    )
+
+  def restore_latest(self, abstract_state: Any, abstract_rng: Any) -> Restored | None:
+    step = self.latest_step()
+    if step is None:
+      return None
+    return self.restore(step, abstract_state, abstract_rng)
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def __enter__(self) -> Checkpointer:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+class PreemptionGuard:
+  """Records SIGTERM (and optionally SIGINT) as a stop request instead of dying mid-step.
+
+  Use as a context manager around the training loop; the previous handlers come back on exit.
+  In multi-process runs `should_stop` agrees across processes (any process asked to stop).
+  """
+
+  def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+    self._signals = signals
+    self._previous: dict[int, Any] = {}
+    self._event = threading.Event()
+    self.signal_name: str | None = None
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal_name = signal.Signals(signum).name
+    self._event.set()
+
+  def request_stop(self) -> None:
+    self._event.set()
+
+  @property
+  def requested(self) -> bool:
+    return self._event.is_set()
+
+  def should_stop(self) -> bool:
+    local = self._event.is_set()
+    if jax.process_count() == 1:
+      return local
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.array([local], np.int32))
+    return bool(np.asarray(flags).any())
+
+  def __enter__(self) -> PreemptionGuard:
+    if threading.current_thread() is threading.main_thread():
+      for sig in self._signals:
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous.clear()
