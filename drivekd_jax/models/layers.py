@@ -1,0 +1,176 @@
+"""Decoder building blocks: linear layers, embeddings, RMSNorm, RoPE and attention.
+
+Every parameter carries logical axis names in its `out_sharding` metadata (see
+`drivekd_jax.models.config` for the vocabulary). Parameters are created unsharded
+(`eager_sharding=False`); the trainer maps the names to mesh axes with its rules table and places
+them (`jax.eval_shape` -> `nnx.get_partition_spec` -> `jax.jit(init, out_shardings=...)`).
+
+Attention is one function, `attention`, used by every layer. It returns the head-averaged
+probability map only when the caller asks for it, so layers that are not asked for never build one.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+LogicalAxes = tuple[str | None, ...]
+
+# A finite "minus infinity": a query row whose keys are all masked (a padding query with nothing
+# before it) then gets a uniform distribution instead of NaNs.
+_MASK_VALUE = float(jnp.finfo(jnp.float32).min)
+
+
+def param(value: jax.Array, axes: LogicalAxes) -> nnx.Param:
+  """Wraps an initial value as a parameter carrying logical axis names."""
+  if len(axes) != value.ndim:
+    raise ValueError(f"axes {axes} do not match a parameter of shape {value.shape}")
+  return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+class Linear(nnx.Module):
+  """`y = x @ kernel (+ bias)` with kernel `[in, out]` stored in `param_dtype`, run in `dtype`."""
+
+  def __init__(
+    self,
+    in_features: int,
+    out_features: int,
+    *,
+    axes: tuple[str, str],
+    use_bias: bool = False,
+    dtype: jnp.dtype = jnp.float32,
+    param_dtype: jnp.dtype = jnp.float32,
+    init_std: float = 0.02,
+    rngs: nnx.Rngs,
+  ):
+    self.dtype = dtype
+    kernel = init_std * jax.random.normal(rngs.params(), (in_features, out_features), param_dtype)
+    self.kernel = param(kernel, axes)
+    self.bias = param(jnp.zeros((out_features,), param_dtype), (axes[1],)) if use_bias else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """`[..., in]` -> `[..., out]` in `dtype`."""
+    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class Embed(nnx.Module):
+  """Token embedding table `[V, D]`; `attend` is the tied output head."""
+
+  def __init__(
+    self,
+    num_embeddings: int,
+    features: int,
+    *,
+    dtype: jnp.dtype = jnp.float32,
+    param_dtype: jnp.dtype = jnp.float32,
+    init_std: float = 0.02,
+    rngs: nnx.Rngs,
+  ):
+    self.dtype = dtype
+    table = init_std * jax.random.normal(rngs.params(), (num_embeddings, features), param_dtype)
+    self.embedding = param(table, ("vocab", "embed"))
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    """int `[...]` -> `[..., D]` in `dtype`."""
+    return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    """`[..., D]` -> fp32 logits `[..., V]` against the table."""
+    table = self.embedding[...].astype(self.dtype)
+    return jnp.einsum(
+      "...d,vd->...v", x.astype(self.dtype), table, preferred_element_type=jnp.float32
+    )
+
+
+class RMSNorm(nnx.Module):
+  """Root-mean-square norm with a learned scale; statistics in fp32 (as Qwen2 / LLaMA)."""
+
+  def __init__(
+    self,
+    features: int,
+    *,
+    eps: float = 1e-6,
+    dtype: jnp.dtype = jnp.float32,
+    param_dtype: jnp.dtype = jnp.float32,
+  ):
+    self.eps = eps
+    self.dtype = dtype
+    self.scale = param(jnp.ones((features,), param_dtype), ("norm",))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    # The reference casts back to the activation dtype before the scale multiply.
+    return self.scale[...].astype(self.dtype) * normed.astype(self.dtype)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+  """Rotary tables in fp32.
+
+  Args:
+    positions: int `[B, T]` token positions.
+    head_dim: per-head width (even).
+    theta: RoPE base.
+
+  Returns:
+    `(cos, sin)`, each fp32 `[B, T, head_dim]` (the half-width angles repeated twice, matching the
+    non-interleaved `rotate_half` convention).
+  """
+  exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+  inv_freq = 1.0 / (theta**exponents)
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq
+  angles = jnp.concatenate([angles, angles], axis=-1)
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotates `x` `[B, T, heads, head_dim]` by the tables `[B, T, head_dim]` (in fp32)."""
+  x32 = x.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+  out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+  return out.astype(x.dtype)
+
+
+def attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  allowed: jax.Array,
+  *,
+  want_map: bool = False,
+) -> tuple[jax.Array, jax.Array | None]:
+  """Grouped-query softmax attention.
+
+  Args:
+    q: queries `[B, T, H, Dh]` (already rotated).
+    k: keys `[B, S, K, Dh]` with `H % K == 0` (already rotated).
+    v: values `[B, S, K, Dh]`.
+    allowed: bool `[B, T, S]`, True where query t may attend key s.
+    want_map: also return the head-averaged probabilities.
+
+  Returns:
+    `(out [B, T, H, Dh] in q's dtype, map fp32 [B, T, S] or None)`. Scores and softmax are fp32;
+    the probabilities are cast to v's dtype for the weighted sum, as in the reference eager path.
+  """
+  batch, length, num_heads, head_dim = q.shape
+  num_kv_heads = k.shape[2]
+  groups = num_heads // num_kv_heads
+  q = q.reshape(batch, length, num_kv_heads, groups, head_dim)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+  scores = scores * (head_dim**-0.5)
+  scores = jnp.where(allowed[:, None, None, :, :], scores, _MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
+  out = out.reshape(batch, length, num_heads, head_dim).astype(q.dtype)
+  head_mean = jnp.mean(probs, axis=(1, 2)) if want_map else None
+  return out, head_mean
+
+
+def gather_key_columns(maps: jax.Array, key_positions: jax.Array) -> jax.Array:
+  """Takes key columns: `[B, T, S]` at int `[B, N]` -> `[B, T, N]`."""
+  return jnp.take_along_axis(maps, key_positions[:, None, :].astype(jnp.int32), axis=-1)
