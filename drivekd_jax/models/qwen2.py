@@ -39,6 +39,7 @@ from drivekd_jax.models.layers import (
   rope_tables,
 )
 
+NO_MAPS = MapRequest()
 _CACHE_KV_AXES = ("cache_batch", "cache_seq", "cache_kv_heads", "head_dim")
 
 
@@ -284,7 +285,7 @@ class Decoder(nnx.Module):
     positions: jax.Array | None = None,
     attention_mask: jax.Array | None = None,
     cache: KVCache | None = None,
-    maps: MapRequest = MapRequest(),
+    maps: MapRequest = NO_MAPS,
     image_key_positions: jax.Array | None = None,
     logits_indices: jax.Array | None = None,
   ) -> DecoderOutput:
