@@ -10,7 +10,7 @@ Pointing the builder at local files:
 
 ```
 <manual_dir>/v1_1_train_nus.json          # the QA file (or json_path=...)
-<manual_dir>/drivebench-test.json         # DriveBench keyframes to exclude (or visual_description.json)
+<manual_dir>/drivebench-test.json         # keyframes to exclude (or visual_description.json)
 <manual_dir>/samples/<CAM>/<file>         # images (or <manual_dir>/nuscenes/samples/...)
 ```
 
