@@ -43,7 +43,7 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 IMAGE_PLACEHOLDER = "<image>"
 IGNORE_INDEX = -100
 
-# Capability ids of the `capability` field (contract: 0 perception, 1 reasoning, 2 planning, 3 other).
+# Ids of the `capability` field (contract: 0 perception, 1 reasoning, 2 planning, 3 other).
 CAPABILITIES = ("perception", "reasoning", "planning", "other")
 CAPABILITY_IDS = {name: index for index, name in enumerate(CAPABILITIES)}
 
@@ -84,7 +84,10 @@ def resize_bicubic(image: PIL.Image.Image, width: int, height: int) -> PIL.Image
 
 
 def normalize(image: PIL.Image.Image | np.ndarray) -> np.ndarray:
-  """uint8 RGB `[H, W, 3]` -> float32 `[H, W, 3]`: /255, then ImageNet mean/std (ToTensor+Normalize)."""
+  """uint8 RGB `[H, W, 3]` -> float32 `[H, W, 3]`: /255, then ImageNet mean/std.
+
+  The same float32 operations as torchvision's ToTensor + Normalize.
+  """
   pixels = np.asarray(image, dtype=np.uint8).astype(np.float32) / np.float32(255.0)
   return (pixels - IMAGENET_MEAN) / IMAGENET_STD
 
@@ -469,7 +472,7 @@ class Processor:
     `capability`. Questions without `<image>` placeholders (DriveBench, DriveLM) get one per image
     prefixed, in camera order. With `prompt_only` the answer is left out (generation).
     """
-    where = where or _record_where(record)
+    where = where or record_where(record)
     try:
       question = _text(record["question"])
       images = list(record.get("images", ()))
@@ -487,9 +490,10 @@ class Processor:
     )
 
 
-def _record_where(record: Mapping[str, Any]) -> str:
-  """'record frame_token=... (question_type=...): ' for error messages."""
-  keys = [k for k in ("source", "frame_token", "question_type", "id") if k in record]
+def record_where(record: Mapping[str, Any]) -> str:
+  """'record record_id=... frame_token=...: ' (the identifying fields present) for errors."""
+  keys = [k for k in ("record_id", "frame_token", "question_type", "id") if k in record]
+  keys = [k for k in keys if _text(record[k])]
   if not keys:
     return "record: "
   return "record " + " ".join(f"{k}={_text(record[k])}" for k in keys) + ": "
