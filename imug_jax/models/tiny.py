@@ -1,0 +1,324 @@
+"""A tiny unified model: one decoder over text tokens and palette-patch image tokens.
+
+Vocabulary: `[0, V_text)` are the text tokenizer's ids (a BPE from
+`drivekd_jax.data.tokenizer`, with `<|im_start|>`, `<|im_end|>`, `<img>`, `</img>`), then
+`[V_text, V_text + 192)` the image tokens of `PaletteTokenizer` (12 x 12 = 144 per image). The
+decoder is `drivekd_jax.models.qwen2.Decoder`; its output projection's image-token block is the
+image head (Chameleon-style shared head); the output mode picks the window of logits sampled.
+
+Chat format (BAGEL-like, images inline):
+  <|im_start|>{role}\n{text | <img> 144 image tokens </img>}...<|im_end|>\n
+and a turn to answer ends with `<|im_start|>assistant\n` (text) or `<|im_start|>assistant\n<img>`
+(image: exactly 144 tokens are then sampled).
+
+Multi-turn rollout (`respond`): one KV cache of fixed length is carried across turns and across
+calls. Each call tokenizes the whole official history, keeps the longest prefix already in the
+cache (rolling the cache back to it if the history differs, e.g. a reference-history control or
+a re-tokenized answer), appends the rest as one padded chunk (a few fixed bucket lengths), and
+samples with `drivekd_jax.models.sampling.SamplerLoop.turn`, jitted once per (mode, bucket).
+The cache has 2N rows: N samples decoded as one batch (best-of-N), plus N unconditional rows for
+classifier-free guidance of image tokens (they see only the image-turn header; logits
+`u + s (c - u)`). Text is sampled in the text window with `<|im_end|>` as stop token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from drivekd_jax.data import tokenizer as text_tokenizer
+from drivekd_jax.models.config import DecoderConfig
+from drivekd_jax.models.qwen2 import Decoder, KVCache
+from drivekd_jax.models.sampling import SamplerLoop, SamplingMethod
+from imug_jax.models import image_tokenizer as itok
+from imug_jax.models import protocol
+from imug_jax.models.protocol import Message, ModelError, Response
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowSampling(SamplingMethod):
+  """Temperature / top-p sampling restricted to token ids in `[low, high)`."""
+
+  low: int = 0
+  high: int = 0
+
+  def next_tokens(self, logits: jax.Array, rng: jax.Array) -> jax.Array:
+    ids = jnp.arange(logits.shape[-1])
+    logits = jnp.where((ids >= self.low) & (ids < self.high), logits, -jnp.inf)
+    return super().next_tokens(logits, rng)
+
+
+@dataclasses.dataclass(frozen=True)
+class GuidedSampling(WindowSampling):
+  """Classifier-free guidance over a batch laid out `[N conditional rows, N unconditional rows]`.
+
+  Both rows of a pair receive the same token, so the unconditional rows follow the image being
+  drawn. `guidance` 1.0 is plain conditional sampling.
+  """
+
+  guidance: float = 3.0
+  num_cond: int = 1
+
+  def next_tokens(self, logits: jax.Array, rng: jax.Array) -> jax.Array:
+    """fp32 `[2N, V]` -> int32 `[2N]`."""
+    n = self.num_cond
+    cond, uncond = logits[:n], logits[n : 2 * n]
+    guided = jnp.where(
+      jnp.isfinite(cond) & jnp.isfinite(uncond), uncond + self.guidance * (cond - uncond), -jnp.inf
+    )
+    tokens = super().next_tokens(guided, rng)
+    return jnp.concatenate([tokens, tokens])
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyConfig:
+  """Shapes and decoding settings of the tiny unified model.
+
+  Attributes:
+    hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size: decoder shape.
+    cache_length: KV-cache slots S (fixed; the cache is reset when a history outgrows it).
+    chunk_buckets: allowed lengths of an appended chunk (each is one compiled program per mode).
+    max_text_tokens: text tokens sampled per text turn at most.
+    guidance: classifier-free guidance scale for image tokens.
+    num_samples: N, answers decoded together per call (`respond_batch`; `respond` uses the first).
+    image_grid, image_patch: the palette tokenizer's lattice (grid x grid tokens per image).
+  """
+
+  hidden_size: int = 64
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  intermediate_size: int = 128
+  cache_length: int = 4096
+  chunk_buckets: tuple[int, ...] = (64, 256, 1024)
+  max_text_tokens: int = 16
+  guidance: float = 3.0
+  num_samples: int = 1
+  image_grid: int = 12
+  image_patch: int = 8
+
+
+def _turn(loop: SamplerLoop, params, chunk, chunk_mask, cache, pending, pending_valid, rng):
+  return loop.turn(params, chunk, chunk_mask, cache, pending, pending_valid, rng)
+
+
+class TinyUnifiedModel:
+  """A `UnifiedModel` running a small `Decoder` in process (see the module docstring).
+
+  Args:
+    tokenizer: the text tokenizer (needs `<|im_start|>`, `<|im_end|>`, `<img>`, `</img>`).
+    config: `TinyConfig`.
+    seed: parameter initialisation seed.
+    name: the model's folder name in the output layout.
+    max_traces: if set, the jitted turn fails when traced more often (tests: no retracing).
+  """
+
+  def __init__(
+    self,
+    tokenizer: text_tokenizer.Tokenizer,
+    config: TinyConfig = TinyConfig(),
+    *,
+    seed: int = 0,
+    name: str = "tiny_umm",
+    max_traces: int | None = None,
+  ):
+    self.name = name
+    self.config = config
+    self.tokenizer = tokenizer
+    self.images = itok.PaletteTokenizer(config.image_grid, config.image_patch)
+    self.text_vocab = tokenizer.vocab_size
+    ids = tokenizer.special_ids
+    self.im_start, self.im_end = ids[text_tokenizer.IM_START], ids[text_tokenizer.IM_END]
+    self.img_start, self.img_end = ids[text_tokenizer.IMG_START], ids[text_tokenizer.IMG_END]
+    self.decoder_config = DecoderConfig(
+      vocab_size=self.text_vocab + self.images.vocab_size,
+      hidden_size=config.hidden_size,
+      num_layers=config.num_layers,
+      num_heads=config.num_heads,
+      num_kv_heads=config.num_kv_heads,
+      intermediate_size=config.intermediate_size,
+      rope_theta=10_000.0,
+    )
+    decoder = Decoder(self.decoder_config, rngs=nnx.Rngs(seed))
+    self.graphdef, self.params = nnx.split(decoder)
+    fn = _turn if max_traces is None else chex.assert_max_traces(_turn, n=max_traces)
+    self._jitted_turn = jax.jit(fn, static_argnums=0, donate_argnums=4)
+    self._lock = threading.Lock()
+    self._newline = [int(t) for t in tokenizer.encode("\n")]
+    self.reset()
+
+  # ------------------------------------------------------------------------------ tokenization
+
+  def _header(self, role: str) -> list[int]:
+    return [self.im_start, *map(int, self.tokenizer.encode(f"{role}\n"))]
+
+  def image_tokens(self, data: bytes) -> list[int]:
+    """Encoded image -> `<img>` + 144 image-token ids (offset by V_text) + `</img>`."""
+    codes = self.images.encode(itok.read_image(data))
+    return [self.img_start, *(int(c) + self.text_vocab for c in codes), self.img_end]
+
+  def encode_message(self, msg: Message) -> list[int]:
+    tokens = self._header(msg["role"])
+    for item in msg["content"]:
+      if item["type"] == "text":
+        tokens += map(int, self.tokenizer.encode(item["text"]))
+      else:
+        tokens += self.image_tokens(protocol.decode_image(item["image"]))
+    return tokens + [self.im_end, *self._newline]
+
+  def prompt_suffix(self, output_mode: str) -> list[int]:
+    """The tokens that force the output mode: the assistant header (+ `<img>`)."""
+    header = self._header("assistant")
+    return header + [self.img_start] if output_mode == "image_only" else header
+
+  def encode_prompt(self, history: Sequence[Message], output_mode: str) -> list[int]:
+    tokens = []
+    for msg in history:
+      tokens += self.encode_message(msg)
+    return tokens + self.prompt_suffix(output_mode)
+
+  # ------------------------------------------------------------------------------- the cache
+
+  @property
+  def rows(self) -> int:
+    return 2 * self.config.num_samples
+
+  def reset(self) -> None:
+    """Forgets the carried cache (the next call re-encodes its whole history)."""
+    self.cache = KVCache.create(self.decoder_config, self.rows, self.config.cache_length)
+    self.tokens: list[int] = []  # Real tokens held by the conditional rows, in order.
+    self.slots: list[int] = []  # The cache slot of each of them.
+
+  def _rollback(self, keep: int) -> None:
+    """Keeps the first `keep` committed tokens; later slots become free; unconditional rows empty.
+
+    Runs eagerly on a few small arrays; shapes never change, so no jitted turn retraces.
+    """
+    length = self.slots[keep - 1] + 1 if keep else 0
+    n = self.config.num_samples
+    slot = jnp.arange(self.config.cache_length)
+    row = jnp.arange(self.rows)[:, None]
+    key_mask = self.cache.key_mask & (slot[None] < length) & (row < n)
+    next_position = jnp.where(jnp.arange(self.rows) < n, keep, 0).astype(jnp.int32)
+    self.cache = self.cache.replace(
+      key_mask=key_mask, length=jnp.asarray(length, jnp.int32), next_position=next_position
+    )
+    del self.tokens[keep:], self.slots[keep:]
+
+  def _bucket(self, length: int) -> int:
+    for bucket in self.config.chunk_buckets:
+      if length <= bucket:
+        return bucket
+    raise ModelError(
+      f"a chunk of {length} tokens exceeds the largest bucket {self.config.chunk_buckets[-1]}"
+    )
+
+  # -------------------------------------------------------------------------------- responding
+
+  def respond(
+    self, history: Sequence[Message], output_mode: str, temperature: float = 0.7, rng: Any = None
+  ) -> Response:
+    return self.respond_batch(history, output_mode, temperature, rng)[0]
+
+  def respond_batch(
+    self, history: Sequence[Message], output_mode: str, temperature: float = 0.7, rng: Any = None
+  ) -> list[Response]:
+    """`num_samples` answers to the same history, decoded as one batch."""
+    if output_mode not in protocol.OUTPUT_MODES:
+      raise ValueError(f"output_mode must be one of {protocol.OUTPUT_MODES}, got {output_mode!r}")
+    rng = jax.random.key(0) if rng is None else rng
+    with self._lock:
+      return self._respond(list(history), output_mode, float(temperature), rng)
+
+  def _respond(self, history, output_mode, temperature, rng) -> list[Response]:
+    image_mode = output_mode == "image_only"
+    prompt = self.encode_prompt(history, output_mode)
+    suffix = len(self.prompt_suffix(output_mode))
+    new_tokens = self.images.num_tokens if image_mode else self.config.max_text_tokens
+    common = 0
+    for a, b in zip(prompt, self.tokens):
+      if a != b:
+        break
+      common += 1
+    keep = min(common, len(prompt) - suffix)  # The chunk always holds the whole header.
+    self._rollback(keep)
+    delta = prompt[keep:]
+    bucket = self._bucket(len(delta))
+    if int(self.cache.length) + 1 + bucket + new_tokens > self.config.cache_length:
+      self.reset()  # History outgrew the carried cache: start over with the whole prompt.
+      delta, keep = prompt, 0
+      bucket = self._bucket(len(delta))
+      if 1 + bucket + new_tokens > self.config.cache_length:
+        raise ModelError(
+          f"a prompt of {len(prompt)} tokens does not fit the cache "
+          f"({self.config.cache_length} slots)"
+        )
+
+    n = self.config.num_samples
+    chunk = np.zeros((self.rows, bucket), np.int32)
+    mask = np.zeros((self.rows, bucket), bool)
+    chunk[:, : len(delta)] = delta
+    mask[:n, : len(delta)] = True
+    if image_mode:  # Unconditional rows: only the image-turn header.
+      mask[n:, len(delta) - suffix : len(delta)] = True
+    method_args = dict(
+      temperature=temperature,
+      low=self.text_vocab if image_mode else 0,
+      high=self.decoder_config.vocab_size if image_mode else self.text_vocab,
+    )
+    method = (
+      GuidedSampling(**method_args, guidance=self.config.guidance, num_cond=n)
+      if image_mode
+      else WindowSampling(**method_args)
+    )
+    loop = SamplerLoop(
+      graphdef=self.graphdef,
+      max_new_tokens=new_tokens,
+      stop_token_ids=() if image_mode else (self.im_end,),
+      method=method,
+    )
+    start = int(self.cache.length)
+    state = self._jitted_turn(
+      loop,
+      self.params,
+      jnp.asarray(chunk),
+      jnp.asarray(mask),
+      self.cache,
+      jnp.zeros((self.rows,), jnp.int32),
+      jnp.zeros((self.rows,), bool),
+      rng,
+    )
+    self.cache = state.cache
+    first_slot = start + 1  # Slot `start` is the (unused) pending-token slot.
+    self.tokens += delta
+    self.slots += range(first_slot, first_slot + len(delta))
+    sampled = np.asarray(jax.device_get(state.tokens))
+    counts = np.asarray(jax.device_get(state.num_tokens))
+    if n == 1:  # The fed tokens (all but the last, pending one) stay in the cache.
+      fed = sampled[0, : counts[0] - 1].tolist()
+      self.tokens += fed
+      self.slots += range(first_slot + bucket, first_slot + bucket + len(fed))
+    else:  # Different rows hold different answers: keep only the shared prompt.
+      self._rollback(len(self.tokens))
+    return [self._to_response(sampled[i, : counts[i]], image_mode) for i in range(n)]
+
+  def _to_response(self, tokens: np.ndarray, image_mode: bool) -> Response:
+    if image_mode:
+      codes = tokens - self.text_vocab
+      if codes.shape[0] != self.images.num_tokens or codes.min() < 0:
+        raise ModelError(
+          f"image decoding produced {codes.shape[0]} valid tokens, expected "
+          f"{self.images.num_tokens}"
+        )
+      return Response(image=itok.png_bytes(self.images.decode(codes)))
+    if tokens.size and tokens[-1] == self.im_end:
+      tokens = tokens[:-1]
+    return Response(text=self.tokenizer.decode(tokens.tolist()))
