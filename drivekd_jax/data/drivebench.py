@@ -227,8 +227,8 @@ class DriveBench(rec.DrivingBuilder):
         images.append(rec.black_image(NO_IMAGE_SIZE))
         paths.append("")
         continue
-      full, relative = rec.resolve_under_root(image_root, candidates, error=error, field=field)
-      images.append(self.image_reader.read(full, error=error, field=field))
+      image, relative = self.read_image(image_root, candidates, error=error, field=field)
+      images.append(image)
       paths.append(relative)
     infos, scene_description = key_objects.get(
       (fields["scene_token"], fields["frame_token"]), (None, "")

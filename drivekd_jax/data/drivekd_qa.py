@@ -208,9 +208,9 @@ class DriveKDQA(rec.DrivingBuilder):
       for candidate in rec.reroot_nuscenes_path(raw) or ():
         if candidate not in candidates:
           candidates.append(candidate)
-      full, relative = rec.resolve_under_root(image_root, candidates, error=error, field=field)
+      image, relative = self.read_image(image_root, candidates, error=error, field=field)
       cameras.append(camera)
-      images.append(self.image_reader.read(full, error=error, field=field))
+      images.append(image)
       paths.append(relative)
     optional_text = {}
     for key in ("id", "scene_token", "frame_token"):

@@ -238,8 +238,8 @@ class DriveLM(rec.DrivingBuilder):
       candidates = rec.reroot_nuscenes_path(raw)
       if candidates is None:
         raise error(f"no samples/<CAM>/ component in {raw!r}", field=path_field, kind="bad_path")
-      full, relative = rec.resolve_under_root(image_root, candidates, error=error, field=path_field)
-      images.append(self.image_reader.read(full, error=error, field=path_field))
+      image, relative = self.read_image(image_root, candidates, error=error, field=path_field)
+      images.append(image)
       paths.append(relative)
     return rec.make_record(
       record_id="",

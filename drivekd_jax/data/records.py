@@ -709,6 +709,7 @@ class DrivingBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self._manual_dir_override = Path(manual_dir).absolute() if manual_dir else None
     self.skip_bad_records = skip_bad_records
     self.image_reader = ImageReader(image_size)
+    self._resolved: dict[tuple[str, tuple[str, ...]], tuple[Path, str]] = {}
     super().__init__(file_format=file_format, **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -728,3 +729,16 @@ class DrivingBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def bad_record_log(self) -> BadRecordLog:
     return BadRecordLog(self.skip_bad_records)
+
+  def read_image(
+    self, root: Path, candidates: Sequence[str], *, error: RecordErrorFactory, field: str
+  ) -> tuple[bytes, str]:
+    """(image bytes, path relative to `root`) of the first existing candidate (see
+    `resolve_under_root`); QAs of one frame share views, so resolutions are cached."""
+    key = (str(root), tuple(candidates))
+    resolved = self._resolved.get(key)
+    if resolved is None:
+      resolved = resolve_under_root(root, candidates, error=error, field=field)
+      self._resolved[key] = resolved
+    full, relative = resolved
+    return self.image_reader.read(full, error=error, field=field), relative
