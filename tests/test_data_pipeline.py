@@ -2,6 +2,10 @@
 
 import io
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -280,3 +284,62 @@ def test_drivekd_demo_through_tfds_builder_and_pipeline(processor, tmp_path):
       assert batch["capability"][row] == expected["capability"]
       seen += 1
   assert seen == 7
+
+
+_TWO_PROCESS_WORKER = """
+import json, os, sys
+process_id, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from drivekd_jax.data import pipeline as pl
+from drivekd_jax.data.processor import Processor, ProcessorConfig
+from drivekd_jax.data.tokenizer import train_bpe_tokenizer
+tokenizer = train_bpe_tokenizer(["abc def"] * 4, 270, f"{out}/tokenizer{process_id}.json")
+processor = Processor(tokenizer, ProcessorConfig(14, 2))
+# Process 0 reads the four short records, process 1 the four long ones.
+records = [{"question": "q", "answer": "a"}] * 4 + [{"question": "9" * 40, "answer": "a"}] * 4
+config = pl.PipelineConfig(batch_size=4, buckets=(32, 64), max_images=1, shuffle=False)
+pipeline = pl.TrainingPipeline(records, processor, config)
+batch = next(pipeline.iterator())
+mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+arrays = pipeline.global_batch(batch, NamedSharding(mesh, P("data")))
+shards = sorted(arrays["labels"].addressable_shards, key=lambda s: s.index[0].start)
+local = np.concatenate([np.asarray(s.data) for s in shards])
+result = {"local_length": batch["labels"].shape[1], "global_shape": list(arrays["labels"].shape),
+          "local": local.tolist(), "host": batch["labels"].tolist()}
+with open(f"{out}/result{process_id}.json", "w") as f:
+  json.dump(result, f)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_agree_on_the_bucket(tmp_path):
+  """Two jax.distributed CPU processes with different local buckets build one global batch."""
+  with socket.socket() as probe:
+    probe.bind(("localhost", 0))
+    port = probe.getsockname()[1]
+  script = tmp_path / "worker.py"
+  script.write_text(_TWO_PROCESS_WORKER)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  workers = [
+    subprocess.Popen(
+      [sys.executable, str(script), str(p), str(port), str(tmp_path)],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for p in range(2)
+  ]
+  logs = [worker.communicate(timeout=180)[0] for worker in workers]
+  assert [w.returncode for w in workers] == [0, 0], "\n".join(logs)
+  results = [json.loads((tmp_path / f"result{p}.json").read_text()) for p in range(2)]
+  assert [r["local_length"] for r in results] == [32, 64]
+  for result in results:
+    assert result["global_shape"] == [8, 64]
+    for row, host_row in zip(result["local"], result["host"]):
+      n = len(host_row)
+      assert row[:n] == host_row and set(row[n:]) <= {IGNORE_INDEX}
