@@ -1,0 +1,51 @@
+"""IMUG demo: the synthetic benchmark, the tiny JAX unified model, own + reference history.
+
+`python launch.py --config=configs/imug/demo.py --workdir=/tmp/imug_demo` (a few minutes on CPU).
+Serve the same model: `python -m imug_jax.serve --config=configs/imug/demo.py --port 8000`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.task = "imug.eval"
+
+  config.data = ml_collections.ConfigDict()
+  config.data.release_dir = ""  # Empty: synthetic benchmark in <workdir>/benchmark.
+  config.data.num_samples = 8
+  config.data.seed = 0
+  config.data.max_samples = 0
+
+  config.model = ml_collections.ConfigDict()
+  config.model.kind = "tiny"
+  config.model.name = "tiny_umm"
+  config.model.seed = 0
+  config.model.text_vocab_size = 400
+  config.model.urls = ["http://127.0.0.1:8000"]  # For kind "http".
+  config.model.timeout = 600.0
+  config.model.retries = 3
+  config.model.tiny = ml_collections.ConfigDict(
+    dict(
+      hidden_size=64,
+      num_layers=2,
+      num_heads=4,
+      num_kv_heads=2,
+      intermediate_size=128,
+      cache_length=2048,
+      chunk_buckets=(64, 256),
+      max_text_tokens=8,
+      guidance=3.0,
+      num_samples=1,
+    )
+  )
+
+  config.rollout = ml_collections.ConfigDict()
+  config.rollout.temperature = 0.7
+  config.rollout.seed = 0
+  config.rollout.concurrency = 1
+  config.rollout.force = False
+  config.rollout.progress = True
+  config.rollout.reference_control = True
+  config.rollout.reference_dir = ""  # Empty: the synthetic ground truth.
+  return config

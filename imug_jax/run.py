@@ -1,0 +1,148 @@
+"""Task "imug.eval": benchmark -> rollouts in the official layout (-> scoring, report).
+
+Config (see configs/imug/demo.py):
+  data.release_dir     a release folder (benchmark.jsonl, images/, ...); empty: the synthetic
+                       benchmark, generated into <workdir>/benchmark if absent
+  data.num_samples, data.seed, data.max_samples (0: all)
+  model.kind           "tiny" (in-process JAX model) or "http" (official /infer servers)
+  model.name           output folder name; model.urls / timeout / retries for "http";
+                       model.tiny (TinyConfig fields), model.seed, model.text_vocab_size for "tiny"
+  rollout.temperature, seed, concurrency, force, progress
+  rollout.reference_control  also roll out with reference history (synthetic ground truth, or
+                       rollout.reference_dir: another run's model folder) into <name>__refhist
+Outputs: <workdir>/outputs/model_outputs/<name>[__refhist]/<domain>/<subdomain>/question_<id>/
+and <workdir>/outputs/rollout_summary.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from absl import logging
+
+from imug_jax.data import release as release_lib
+from imug_jax.data import synthetic
+from imug_jax.models.protocol import UnifiedModel
+from imug_jax.rollout import history, runner
+
+REFERENCE_SUFFIX = "__refhist"
+
+
+def load_benchmark(config, workdir: str | Path) -> release_lib.Release:
+  """The configured release, or the synthetic benchmark under <workdir>/benchmark."""
+  if config.data.get("release_dir"):
+    return release_lib.load_release(config.data.release_dir)
+  root = Path(workdir) / "benchmark"
+  if (root / release_lib.BENCHMARK).exists():
+    return release_lib.load_release(root)
+  logging.info("writing the synthetic benchmark to %s", root)
+  return synthetic.write_synthetic(root, config.data.num_samples, config.data.seed)
+
+
+def text_corpus(bench: release_lib.Release) -> list[str]:
+  """Every text of the benchmark (instructions, questions, system prompts) for the tokenizer."""
+  texts = []
+  for sample in bench.samples or ():
+    if sample.system_prompt:
+      texts.append(sample.system_prompt)
+    for task in sample.tasks:
+      texts += [item.text for item in task.inputs if item.text is not None]
+      texts.append(task.answer or "")
+  return texts + ["ABCDEFG", "Error"]
+
+
+def build_model(
+  config, workdir: str | Path, bench: release_lib.Release | None = None
+) -> UnifiedModel:
+  """The configured model: a tiny in-process JAX model or an `/infer` HTTP client."""
+  cfg = config.model
+  if cfg.kind == "http":
+    from imug_jax.models.http import HttpModel
+
+    return HttpModel(cfg.name, list(cfg.urls), timeout=cfg.timeout, retries=cfg.retries)
+  if cfg.kind == "tiny":
+    from drivekd_jax.data import tokenizer as text_tokenizer
+    from imug_jax.models.tiny import TinyConfig, TinyUnifiedModel
+
+    path = Path(workdir) / "tokenizer.json"
+    if path.exists():
+      tok = text_tokenizer.Tokenizer.from_path(path)
+    else:
+      bench = bench or load_benchmark(config, workdir)
+      tok = text_tokenizer.train_bpe_tokenizer(text_corpus(bench), cfg.text_vocab_size, path)
+    fields = {f.name for f in dataclasses.fields(TinyConfig)}
+    tiny = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.tiny.items() if k in fields}
+    return TinyUnifiedModel(tok, TinyConfig(**tiny), seed=cfg.seed, name=cfg.name)
+  raise ValueError(f"model.kind must be 'tiny' or 'http', got {cfg.kind!r}")
+
+
+def rollout(
+  config,
+  workdir: str | Path,
+  model: UnifiedModel,
+  bench: release_lib.Release,
+) -> dict[str, Any]:
+  """Runs the own-history rollout (and the reference-history control); returns the summary."""
+  samples = list(bench.samples or ())
+  if config.data.get("max_samples", 0):
+    samples = samples[: config.data.max_samples]
+  out_dir = Path(workdir) / "outputs" / "model_outputs"
+  r = config.rollout
+  common = dict(
+    images_dir=bench.images_dir,
+    out_dir=out_dir,
+    temperature=r.temperature,
+    seed=r.seed,
+    concurrency=r.concurrency,
+    force=r.force,
+    progress=r.progress,
+  )
+  runs = {
+    model.name: runner.run_rollout(
+      model, samples, model_name=model.name, history_source=history.OwnHistory(), **common
+    )
+  }
+  if r.get("reference_control", False):
+    if r.get("reference_dir"):
+      images = history.outputs_of_run(r.reference_dir, samples)
+    else:
+      images = synthetic.ground_truth_images(bench.data_dir)
+    source = history.ReferenceHistory(images)
+    missing = source.missing(samples)
+    if missing:
+      raise ValueError(
+        f"reference history: {len(missing)} image turns have no reference image, "
+        f"e.g. {missing[0][0]} turn {missing[0][1]}"
+      )
+    name = model.name + REFERENCE_SUFFIX
+    runs[name] = runner.run_rollout(
+      model, samples, model_name=name, history_source=source, **common
+    )
+  summary = {
+    "benchmark": str(bench.data_dir),
+    "num_samples": len(samples),
+    "outputs": str(out_dir),
+    "runs": {name: dataclasses.asdict(s) for name, s in runs.items()},
+  }
+  (out_dir.parent / "rollout_summary.json").write_text(json.dumps(summary, indent=2))
+  for name, s in runs.items():
+    logging.info(
+      "rollout %s: %d done, %d skipped, %d failed, %d error turns of %d",
+      name,
+      s.done,
+      s.skipped,
+      s.failed,
+      s.error_turns,
+      s.turns,
+    )
+  return summary
+
+
+def run(config, workdir: str) -> dict[str, Any]:
+  """Entry point of task "imug.eval" (launch.py)."""
+  bench = load_benchmark(config, workdir)
+  model = build_model(config, workdir, bench)
+  return rollout(config, workdir, model, bench)
