@@ -195,6 +195,9 @@ def test_trained_tokenizer_round_trip_and_special_ids(tokenizer, tmp_path):
   np.testing.assert_array_equal(reloaded.encode(text), ids)
   with pytest.raises(KeyError, match="<unknown>"):
     tokenizer.token_id("<unknown>")
+  other = tok.train_bpe_tokenizer(["other text entirely"] * 4, 300, tmp_path / "other.json")
+  with pytest.raises(ValueError, match="must share one tokenizer"):
+    tok.check_same_tokenizer(tokenizer, reloaded, other)
 
 
 def _write_qwen_style_directory(directory: Path, gap: int = 0):
@@ -241,6 +244,8 @@ def test_real_tokenizer_directory_layouts_match_transformers(tmp_path):
   reference.save_pretrained(str(tmp_path / "fast"))
   fast = tok.Tokenizer.from_path(tmp_path / "fast")
   assert list(fast.encode(text)) == expected and fast.special_ids == ids
+  # Same ids from either layout: one fingerprint, so student and teachers may mix layouts.
+  tok.check_same_tokenizer(ours, fast)
 
 
 def test_added_token_ids_that_cannot_be_reproduced_fail(tmp_path):

@@ -14,6 +14,7 @@ single ids.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -156,6 +157,26 @@ class Tokenizer:
     return token_id
 
   @property
+  def fingerprint(self) -> str:
+    """SHA-256 of what decides the ids: BPE vocabulary and merges, added tokens, pre-tokeniser.
+
+    Two tokenizers with one fingerprint give the same ids for every text, whatever file layout
+    they were loaded from; Drive-KD needs this between the student and every teacher.
+    """
+    spec = json.loads(self.backend.to_str())
+    model = spec.get("model") or {}
+    merges = [" ".join(m) if isinstance(m, list) else m for m in model.get("merges") or []]
+    added = sorted((t["id"], t["content"], bool(t.get("special"))) for t in spec["added_tokens"])
+    identity = {
+      "type": model.get("type"),
+      "vocab": sorted((model.get("vocab") or {}).items(), key=lambda item: item[1]),
+      "merges": merges,
+      "added": added,
+      "pre_tokenizer": spec.get("pre_tokenizer"),
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+  @property
   def special_ids(self) -> dict[str, int]:
     return {token: self.token_id(token) for token in SPECIAL_TOKENS}
 
@@ -167,6 +188,20 @@ class Tokenizer:
 
   def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
     return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+
+def check_same_tokenizer(reference: Tokenizer, *others: Tokenizer) -> None:
+  """Raises ValueError naming the first tokenizer whose ids could differ from `reference`'s.
+
+  Drive-KD compares student and teacher attention maps position by position, which is only
+  meaningful when every model sees the identical token sequence.
+  """
+  for other in others:
+    if other.fingerprint != reference.fingerprint:
+      raise ValueError(
+        f"tokenizer {other.source} differs from {reference.source}: the student and the teachers "
+        "must share one tokenizer"
+      )
 
 
 def _read_added_tokens(directory: Path) -> list[tuple[int, str, bool]]:
