@@ -180,7 +180,7 @@ def test_single_tile_preprocessing_is_one_bicubic_resize():
 
 def test_trained_tokenizer_round_trip_and_special_ids(tokenizer, tmp_path):
   assert tokenizer.special_ids == {t: i for i, t in enumerate(tok.SPECIAL_TOKENS)}
-  assert (tokenizer.pad_id, tokenizer.eos_id) == (0, 2)
+  assert (tokenizer.pad_id, tokenizer.eos_id) == (0, 2) and tokenizer.stop_ids == (2,)
   assert tokenizer.img_context_id == 5 and tokenizer.vocab_size <= 400
   text = "<|im_start|>user\n<img><IMG_CONTEXT></img>Turn left? ünïcode 你好 🚗\n\t<|im_end|>\n"
   ids = tokenizer.encode(text)
@@ -428,3 +428,17 @@ def test_drivekd_demo_json_messages(processor, tokenizer, tmp_path):
     )
     capability = ("perception", "reasoning", "planning").index(sample["question_type"])
     assert int(example["capability"]) == capability
+
+
+def test_processor_for_model_config(tokenizer):
+  from drivekd_jax.models.config import DecoderConfig, InternVLConfig, VisionConfig
+
+  text = DecoderConfig(
+    vocab_size=512, hidden_size=8, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=8
+  )
+  vision = VisionConfig(image_size=28, patch_size=7, hidden_size=8, num_layers=1, num_heads=2)
+  config = InternVLConfig(vision=vision, text=text, image_token_id=tokenizer.img_context_id)
+  processor = Processor.for_model(tokenizer, config, system_message="S")
+  assert processor.config == ProcessorConfig(28, 4, system_message="S")  # (28/7 * 0.5)^2 = 4
+  with pytest.raises(ValueError, match="image_token_id 151667"):
+    Processor.for_model(tokenizer, InternVLConfig(vision=vision, text=text))

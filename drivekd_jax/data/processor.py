@@ -280,6 +280,29 @@ class Processor:
     self.tokenizer = tokenizer
     self.config = config
 
+  @classmethod
+  def for_model(cls, tokenizer: Tokenizer, model_config, **overrides) -> Processor:
+    """A processor matching an `InternVLConfig` (tile size, tokens per tile), checked against it.
+
+    Raises ValueError when the model's `image_token_id` is not the tokenizer's `<IMG_CONTEXT>`
+    id or its vocabulary is smaller than the tokenizer's.
+    """
+    if model_config.image_token_id != tokenizer.img_context_id:
+      raise ValueError(
+        f"model image_token_id {model_config.image_token_id} != {IMG_CONTEXT} id "
+        f"{tokenizer.img_context_id} of tokenizer {tokenizer.source}"
+      )
+    if model_config.text.vocab_size < tokenizer.vocab_size:
+      raise ValueError(
+        f"model vocab_size {model_config.text.vocab_size} < {tokenizer.vocab_size} ids of "
+        f"tokenizer {tokenizer.source}"
+      )
+    settings = dict(
+      image_size=model_config.vision.image_size, tokens_per_image=model_config.tokens_per_image
+    )
+    settings.update(overrides)
+    return cls(tokenizer, ProcessorConfig(**settings))
+
   # -- images -------------------------------------------------------------------------------
 
   def images_to_pixels(self, images: Sequence[ImageLike]) -> tuple[np.ndarray, list[int]]:

@@ -189,6 +189,11 @@ class Tokenizer:
   def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
     return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+  @property
+  def stop_ids(self) -> tuple[int, ...]:
+    """Ids that end a generated answer: `<|im_end|>`, plus the configured eos if different."""
+    return tuple(sorted({self.im_end_id, self.eos_id}))
+
 
 def check_same_tokenizer(reference: Tokenizer, *others: Tokenizer) -> None:
   """Raises ValueError naming the first tokenizer whose ids could differ from `reference`'s.
