@@ -413,8 +413,11 @@ class ImageReader:
           (self.image_size, self.image_size), PIL.Image.Resampling.BICUBIC
         )
     except Exception as e:  # Pillow raises many types for bad files.
+      detail = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))
       raise error(
-        f"unreadable image {path}: {type(e).__name__}: {e}", field=field, kind="unreadable_image"
+        f"unreadable image {path}: {type(e).__name__}: {detail}",
+        field=field,
+        kind="unreadable_image",
       ) from None
     return encode_png(np.asarray(rgb))
 
@@ -616,8 +619,9 @@ def report_to_info(builder, split: str, log: BadRecordLog, **extra: Any) -> None
   """Writes a split's bad-record summary (and extra counts) into `builder.info.metadata`.
 
   `metadata["bad_records"][split]` holds `BadRecordLog.summary()`; `extra` goes to
-  `metadata["counts"][split]`. TFDS saves the metadata with the dataset (metadata.json), so
-  `tfds.builder_from_directory(...).info.metadata` shows it later.
+  `metadata["counts"][split]`. A split left without records (TFDS cannot write one) raises a
+  `RecordError` that carries the skip counts. TFDS saves the metadata with the dataset
+  (metadata.json), so `tfds.builder_from_directory(...).info.metadata` shows it later.
   """
   metadata = builder.info.metadata
   bad = dict(metadata.get("bad_records", {}))
@@ -627,6 +631,13 @@ def report_to_info(builder, split: str, log: BadRecordLog, **extra: Any) -> None
     counts = dict(metadata.get("counts", {}))
     counts[split] = {k: v for k, v in extra.items()}
     metadata["counts"] = counts
+  if extra.get("num_records") == 0:
+    raise RecordError(
+      f"split {split!r} has no records left ({log.num_skipped} bad records skipped:"
+      f" {dict(log.by_kind)}; first: {log.messages[:1]})",
+      file=extra.get("source_file"),
+      kind="empty_split",
+    )
   if log.num_skipped:
     logging.warning(
       "%s/%s: skipped %d bad records: %s",
