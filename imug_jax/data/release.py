@@ -120,6 +120,10 @@ class Release:
         ) from None
 
     for key, turns in self.image_references.items():
+      if key not in by_key:
+        raise BenchmarkFormatError(
+          f"{schema.where(ir_path, sample=str(key))}: no such sample in {bench.name}"
+        )
       for turn, refs in turns.items():
         if task_of(key, turn, ir_path, "turn_idx").modality != "image":
           raise BenchmarkFormatError(

@@ -149,9 +149,10 @@ def _colour_names(image: np.ndarray) -> np.ndarray:
 def measure(kind: str, image: np.ndarray, colour: str | None = None) -> Any:
   """What a dynamic question asks about an image, measured exactly.
 
-  Kinds: "grid_count" (cells of a 3x3 grid whose majority colour is in `colour`, a "|"-joined
-  list), "dominant" (most frequent colour other than white/black), "border" (majority colour of
-  the outer ring), "stack_height" (rows holding any non-white, non-black patch).
+  Kinds: "grid_count" (cells of a 3x3 grid whose paint, the most frequent colour other than
+  white/black in the cell, is in `colour`, a "|"-joined list), "dominant" (most frequent colour
+  other than white/black), "border" (majority colour of the outer ring), "stack_height" (rows
+  holding any non-white, non-black patch).
   """
   names = _colour_names(image)
   if kind == "grid_count":
@@ -160,8 +161,10 @@ def measure(kind: str, image: np.ndarray, colour: str | None = None) -> Any:
     for a in range(3):
       for b in range(3):
         cell = names[a * _CELL : (a + 1) * _CELL, b * _CELL : (b + 1) * _CELL].reshape(-1)
-        values, counts = np.unique(cell, return_counts=True)
-        count += int(values[counts.argmax()] in wanted)
+        paint = cell[(cell != "white") & (cell != "black")]
+        if paint.size:
+          values, counts = np.unique(paint, return_counts=True)
+          count += int(values[counts.argmax()] in wanted)
     return count
   if kind in ("dominant", "border"):
     if kind == "border":
