@@ -377,6 +377,10 @@ def test_drivekd_bad_input_names_the_record(processor):
     processor.training_example("Q", "A", capability="driving")
   with pytest.raises(ValueError, match="reserved for images"):
     processor.training_example("<IMG_CONTEXT>", "A")
+  with pytest.raises(ValueError, match=r"f.json\[3\]: field 'images'\[1\]: unreadable image"):
+    processor.training_example(
+      "Q", "A", [_png(_gradient_image(8, 8)), b"not an image"], where="f.json[3]: "
+    )
   with pytest.raises(KeyError, match="record record_id=r7: missing field 'answer'"):
     processor.record_example({"record_id": b"r7", "question": b"Q"})
 

@@ -305,18 +305,25 @@ class Processor:
 
   # -- images -------------------------------------------------------------------------------
 
-  def images_to_pixels(self, images: Sequence[ImageLike]) -> tuple[np.ndarray, list[int]]:
-    """Images -> (float32 `[M, S, S, 3]`, tiles per image)."""
+  def images_to_pixels(
+    self, images: Sequence[ImageLike], *, where: str = ""
+  ) -> tuple[np.ndarray, list[int]]:
+    """Images -> (float32 `[M, S, S, 3]`, tiles per image); unreadable images name their slot."""
     size = self.config.image_size
-    per_image = [
-      preprocess_image(
-        image,
-        image_size=size,
-        max_tiles=self.config.max_tiles,
-        use_thumbnail=self.config.use_thumbnail,
-      )
-      for image in images
-    ]
+    per_image = []
+    for index, image in enumerate(images):
+      try:
+        tiles = preprocess_image(
+          image,
+          image_size=size,
+          max_tiles=self.config.max_tiles,
+          use_thumbnail=self.config.use_thumbnail,
+        )
+      except (OSError, ValueError, TypeError) as error:  # PIL raises OSError for corrupt files
+        raise ValueError(
+          f"{where}field 'images'[{index}]: unreadable image: {type(error).__name__}: {error}"
+        ) from None
+      per_image.append(tiles)
     if not per_image:
       return np.zeros((0, size, size, 3), np.float32), []
     return np.concatenate(per_image), [len(tiles) for tiles in per_image]
@@ -396,7 +403,7 @@ class Processor:
     if not messages:
       raise ValueError(f"{where}field 'messages' is empty")
 
-    pixel_values, tiles = self.images_to_pixels(images)
+    pixel_values, tiles = self.images_to_pixels(images, where=where)
     placeholders = sum(
       m["content"].count(IMAGE_PLACEHOLDER) for m in messages if m["role"] == "user"
     )
