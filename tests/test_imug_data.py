@@ -47,12 +47,12 @@ def test_real_reference_files_load_and_cross_check():
     assert key in refs, key  # Every dynamic turn belongs to a sample of the benchmark.
     assert turn not in refs[key], (key, turn)  # A dynamic MCQ turn is a text turn.
     assert all(r < turn for r in ref_turns)
-  image_turns = {(k, t) for k, turns in refs.items() for t in turns}
-  for key, turns in refs.items():
+  for turns in refs.values():
     for turn, links in turns.items():
+      assert turn >= 1
       for link in links:
         assert link.ref_turn <= turn
-        if link.ref_type == "output":  # Output refs point at image turns.
+        if link.ref_type == "output":  # A turn cannot see its own output.
           assert link.ref_turn < turn
 
 
