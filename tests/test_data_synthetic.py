@@ -251,3 +251,24 @@ def test_every_corruption_renders():
     out = synthetic.corrupt(view, stem, rng)
     assert out.shape == view.shape and out.dtype == np.uint8
     assert not np.array_equal(out, view), stem
+
+
+def test_records_feed_the_processor(written, built, tmp_path):
+  """Every builder's records become processed examples (helper D's processor)."""
+  from drivekd_jax.data.processor import Processor, ProcessorConfig
+  from drivekd_jax.data.tokenizer import train_bpe_tokenizer
+
+  kd = load(written.drivekd_train_json)
+  texts = [m["content"] for item in kd for m in item["messages"]]
+  tokenizer = train_bpe_tokenizer(texts, 400, tmp_path / "tok")
+  processor = Processor(tokenizer, ProcessorConfig(image_size=28, tokens_per_image=4))
+  for name, split in (("clean", "test"), ("drivelm", "train"), ("drivekd_qa", "train")):
+    source = built[name].as_data_source(split)
+    for i in range(0, len(source), 7):
+      record = source[i]
+      example = processor.record_example(record)
+      num_images = len(record["images"])
+      assert example["pixel_values"].shape == (num_images, 28, 28, 3)
+      assert int(example["image_mask"].sum()) == 4 * num_images
+      assert int(example["capability"]) == int(record["capability_id"])
+      assert (example["labels"] != -100).any()
