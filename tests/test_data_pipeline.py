@@ -147,6 +147,7 @@ def test_same_seed_same_batches_other_seed_other_order(records, processor):
   first = list(_pipeline(records, processor).iterator())
   second = list(_pipeline(records, processor, num_threads=2).iterator())
   _assert_batches_equal(first, second)
+  _assert_batches_equal(first, list(_pipeline(records, processor).dataset()))  # random access
   reseeded = _pipeline(records, processor, seed=8)
   assert [reseeded.record_index(i) for i in range(24)] != [
     _pipeline(records, processor).record_index(i) for i in range(24)

@@ -64,8 +64,8 @@ class PipelineConfig:
     num_epochs: None repeats forever.
     drop_remainder: drop the last, incomplete global batch of each epoch instead of padding it.
     overlong: "error" (default) or "truncate" for examples longer than the largest bucket.
-    num_threads: grain reader threads (0: read in the calling thread).
-    prefetch_buffer_size: batches prefetched by grain when num_threads > 0.
+    num_threads: grain reader threads that build examples in parallel (0: in the calling thread).
+    prefetch_batches: batches' worth of examples prefetched when num_threads > 0.
   """
 
   batch_size: int
@@ -77,7 +77,7 @@ class PipelineConfig:
   drop_remainder: bool = False
   overlong: Literal["error", "truncate"] = "error"
   num_threads: int = 0
-  prefetch_buffer_size: int = 2
+  prefetch_batches: int = 2
 
   def __post_init__(self):
     if self.batch_size < 1:
@@ -315,25 +315,37 @@ class TrainingPipeline:
       image_shape=self._image_shape,
     )
 
-  def dataset(self) -> grain.MapDataset:
-    """The grain dataset of this process's batches (length = steps, or unbounded)."""
+  def _num_examples(self) -> int:
     if self.config.num_epochs is None:
-      num_examples = (2**62 // self.examples_per_epoch) * self.examples_per_epoch
-    else:
-      num_examples = self.config.num_epochs * self.examples_per_epoch
-    return (
-      grain.MapDataset.range(num_examples)
-      .map(self._example)
-      .batch(self.config.batch_size, drop_remainder=True, batch_fn=self._collate)
+      return (2**62 // self.examples_per_epoch) * self.examples_per_epoch
+    return self.config.num_epochs * self.examples_per_epoch
+
+  def examples(self) -> grain.MapDataset:
+    """This process's examples in order (random access; padding examples included)."""
+    return grain.MapDataset.range(self._num_examples()).map(self._example)
+
+  def dataset(self) -> grain.MapDataset:
+    """This process's batches as a random-access dataset (length = steps, or unbounded)."""
+    return self.examples().batch(
+      self.config.batch_size, drop_remainder=True, batch_fn=self._collate
     )
 
   def iterator(self) -> grain.DatasetIterator:
-    """A fresh iterator; `get_state()` / `set_state()` save and restore its position."""
-    options = grain.ReadOptions(
-      num_threads=self.config.num_threads,
-      prefetch_buffer_size=self.config.prefetch_buffer_size if self.config.num_threads else 0,
-    )
-    return iter(self.dataset().to_iter_dataset(options))
+    """A fresh batch iterator; `get_state()` / `set_state()` save and restore its position.
+
+    Examples are built by `num_threads` threads (images decode and resize in parallel, as
+    Pillow releases the GIL) and batched in order, so the batches do not depend on threading.
+    """
+    if self.config.num_threads:
+      options = grain.ReadOptions(
+        num_threads=self.config.num_threads,
+        prefetch_buffer_size=self.config.prefetch_batches * self.config.batch_size,
+      )
+    else:
+      options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+    examples = self.examples().to_iter_dataset(options)
+    batches = examples.batch(self.config.batch_size, drop_remainder=True, batch_fn=self._collate)
+    return iter(batches)
 
   def __iter__(self):
     return self.iterator()
@@ -352,7 +364,8 @@ def make_global_batch(
   """Assembles every process's host batch into global `jax.Array`s.
 
   With several processes the sequence length is first agreed on (the longest local bucket,
-  one small all-gather), so every process contributes arrays of one shape.
+  one small all-gather), so every process contributes arrays of one shape; every process must
+  then call this for every batch, in step.
 
   Args:
     batch: this process's batch from `TrainingPipeline` ([B_local, ...]).
