@@ -7,13 +7,13 @@ Every TFDS builder of this package (`drivebench.DriveBench`, `drivelm.DriveLM`,
 
 - `record_id` (bytes): stable id, `<scene>_<frame>_<i>` (DriveLM, DriveBench; i = the QA's
   index within its frame) or the item's `id` / `<file stem>_<index>` (Drive-KD).
-- `source_index` (np.int64): position of the QA in the source file, flattened.
+- `source_index` (int; stored int64): position of the QA in the source file, flattened.
 - `scene_token`, `frame_token` (bytes): nuScenes tokens; b"" where the source has none.
 - `question_type` (bytes): as released (DriveBench/DriveLM: perception, prediction, planning,
   behavior; Drive-KD: perception, reasoning, planning after alias normalisation); unknown types
   are kept verbatim.
 - `capability` (bytes): perception, reasoning, planning or other (`capability_of`).
-- `capability_id` (np.int32): 0 perception, 1 reasoning, 2 planning, 3 other.
+- `capability_id` (int; stored int32): 0 perception, 1 reasoning, 2 planning, 3 other.
 - `question`, `answer` (bytes, UTF-8): the text as released. Drive-KD questions keep their
   `<image>` slots (as many as images); the other sources have none.
 - `tag` (list of np.int32): DriveLM/DriveBench metric tags (0 accuracy, 1 GPT, 2 language,
