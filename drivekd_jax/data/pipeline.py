@@ -7,7 +7,8 @@
          batch is the same whatever the number of processes
       -> Processor (Drive-KD construction) -> pad to the smallest length bucket of the batch,
          image slots padded to `max_images`
-      -> grain `MapDataset` -> `DatasetIterator` (get_state / set_state for checkpoints).
+      -> grain: a `MapDataset` of examples, built by `num_threads` threads, batched in order
+         -> `DatasetIterator` (get_state / set_state for checkpoints).
 
 An epoch that does not fill its last global batch is completed with padding examples
 (`example_mask` False) unless `drop_remainder`. Examples longer than the largest bucket raise an
