@@ -15,6 +15,8 @@ Images reach the decoder through the positions of `input_ids` that hold `config.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,6 +26,7 @@ from drivekd_jax.models.config import InternVLConfig, MapRequest, as_dtype
 from drivekd_jax.models.intern_vit import InternViT, LayerNorm
 from drivekd_jax.models.layers import Linear
 from drivekd_jax.models.qwen2 import Decoder, DecoderOutput, KVCache
+from drivekd_jax.models.sampling import GREEDY, Sampler, SamplingMethod, SamplingState
 
 # The reference builds mlp1's LayerNorm with PyTorch's default epsilon.
 PROJECTOR_LAYER_NORM_EPS = 1e-5
@@ -107,10 +110,6 @@ class Projector(nnx.Module):
     return self.fc2(jax.nn.gelu(self.fc1(self.norm(x)), approximate=False))
 
 
-def _is_concrete(x) -> bool:
-  return not isinstance(x, jax.core.Tracer)
-
-
 class InternVL(nnx.Module):
   """InternVL3 (`InternVLChatModel` / `InternVLForConditionalGeneration`).
 
@@ -145,30 +144,50 @@ class InternVL(nnx.Module):
     shuffled = pixel_shuffle(patches, self.config.downsample_ratio)
     return self.mlp1(shuffled.reshape(n, -1, shuffled.shape[-1]))
 
+  def check_image_tokens(self, input_ids, pixel_values) -> None:
+    """Raises ValueError unless the image-context tokens of concrete `input_ids` match the
+    images: exactly N*T in total (`[N, H, W, 3]`), or per row a multiple of T and at most M*T
+    (`[B, M, H, W, 3]`)."""
+    if pixel_values is None:
+      return
+    mask = np.asarray(input_ids) == self.config.image_token_id
+    per_image = self.image_tokens(pixel_values.shape[-3], pixel_values.shape[-2])
+    token_id = self.config.image_token_id
+    if pixel_values.ndim == 4:
+      found, wanted = int(mask.sum()), pixel_values.shape[0] * per_image
+      if found != wanted:
+        raise ValueError(
+          f"input_ids hold {found} image-context tokens (id {token_id}) but pixel_values has "
+          f"{pixel_values.shape[0]} images x {per_image} tokens = {wanted}"
+        )
+    elif pixel_values.ndim == 5:
+      slots = pixel_values.shape[1]
+      for row, found in enumerate(mask.sum(axis=1)):
+        if found > slots * per_image or found % per_image:
+          raise ValueError(
+            f"row {row} of input_ids holds {found} image-context tokens (id {token_id}); "
+            f"expected a multiple of {per_image} per image and at most {slots} images"
+          )
+
   def embed_inputs(self, input_ids: jax.Array, pixel_values: jax.Array | None = None) -> jax.Array:
     """Token embeddings `[B, L, D]` with image embeddings written at the image-context positions.
 
     Args:
       input_ids: int `[B, L]`.
       pixel_values: None (text only), `[N, H, W, 3]` (global order) or `[B, M, H, W, 3]`
-        (per-row slots; see the module docstring).
+        (per-row slots; see the module docstring). Token counts are checked when `input_ids`
+        is concrete (`check_image_tokens`); under `jit` surplus tokens reuse the last image.
     """
     embeds = self.language_model.embed(input_ids)
     if pixel_values is None:
       return embeds
+    if not isinstance(input_ids, jax.core.Tracer):
+      self.check_image_tokens(input_ids, pixel_values)
     mask = input_ids == self.config.image_token_id
     if pixel_values.ndim == 4:
       features = self.embed_images(pixel_values)
       num_images, per_image, width = features.shape
       features = features.reshape(num_images * per_image, width).astype(embeds.dtype)
-      if _is_concrete(input_ids):
-        found = int(np.sum(np.asarray(mask)))
-        if found != num_images * per_image:
-          raise ValueError(
-            f"input_ids hold {found} image-context tokens (id {self.config.image_token_id}) but "
-            f"pixel_values has {num_images} images x {per_image} tokens = "
-            f"{num_images * per_image}"
-          )
       rank = jnp.cumsum(mask.reshape(-1)).reshape(mask.shape) - 1
       gathered = features[jnp.clip(rank, 0, num_images * per_image - 1)]
     elif pixel_values.ndim == 5:
@@ -180,14 +199,6 @@ class InternVL(nnx.Module):
       features = self.embed_images(pixel_values.reshape(batch * slots, *pixel_values.shape[2:]))
       per_image, width = features.shape[1:]
       features = features.reshape(batch, slots * per_image, width).astype(embeds.dtype)
-      if _is_concrete(input_ids):
-        counts = np.sum(np.asarray(mask), axis=1)
-        for row, found in enumerate(counts):
-          if found > slots * per_image or found % per_image:
-            raise ValueError(
-              f"row {row} of input_ids holds {found} image-context tokens; expected a multiple "
-              f"of {per_image} tokens per image and at most {slots} images ({slots * per_image})"
-            )
       rank = jnp.cumsum(mask, axis=1) - 1
       index = jnp.clip(rank, 0, slots * per_image - 1)
       gathered = jnp.take_along_axis(features, index[:, :, None], axis=1)
@@ -263,3 +274,55 @@ class InternVL(nnx.Module):
       image_key_positions=key_positions,
       logits_indices=logits_indices,
     )
+
+
+def embed_inputs_jit(model: InternVL, input_ids: jax.Array, pixel_values: jax.Array | None):
+  """`model.embed_inputs` as one compiled program (split / merge around a plain `jax.jit`)."""
+  model.check_image_tokens(input_ids, pixel_values)
+  graphdef, state = nnx.split(model)
+  return _embed_inputs_jit(graphdef, state, input_ids, pixel_values)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _embed_inputs_jit(graphdef, state, input_ids, pixel_values):
+  return nnx.merge(graphdef, state).embed_inputs(input_ids, pixel_values)
+
+
+def generate(
+  model: InternVL,
+  input_ids: jax.Array,
+  pixel_values: jax.Array | None = None,
+  *,
+  max_new_tokens: int,
+  cache_length: int | None = None,
+  attention_mask: jax.Array | None = None,
+  stop_token_ids: tuple[int, ...] = (),
+  pad_token_id: int = 0,
+  method: SamplingMethod = GREEDY,
+  rng: jax.Array | None = None,
+) -> SamplingState:
+  """Generates a reply: the prompt (text + images) is embedded once, then the decoder's jitted
+  sampler prefills from those embeddings and decodes over a fixed-length cache.
+
+  Args:
+    model: the InternVL.
+    input_ids: int `[B, L]` prompts with image-context ids.
+    pixel_values: images, either layout (see `InternVL.embed_inputs`).
+    max_new_tokens: tokens to sample at most.
+    cache_length: KV-cache slots; defaults to `L + 1 + max_new_tokens`.
+    attention_mask, stop_token_ids, pad_token_id, method, rng: as in `sampling.Sampler`.
+
+  Returns:
+    The sampler's `SamplingState` (`tokens [B, max_new_tokens]`, `num_tokens [B]`, cache).
+  """
+  embeds = embed_inputs_jit(model, jnp.asarray(input_ids), pixel_values)
+  length = embeds.shape[1]
+  sampler = Sampler(
+    model.language_model,
+    cache_length=cache_length or length + 1 + max_new_tokens,
+    max_new_tokens=max_new_tokens,
+    stop_token_ids=stop_token_ids,
+    pad_token_id=pad_token_id,
+    method=method,
+  )
+  return sampler.generate(inputs_embeds=embeds, attention_mask=attention_mask, rng=rng)
