@@ -110,6 +110,10 @@ def _turn(loop: SamplerLoop, params, chunk, chunk_mask, cache, pending, pending_
   return loop.turn(params, chunk, chunk_mask, cache, pending, pending_valid, rng)
 
 
+# One compiled program per (loop settings, shapes), shared by every model instance.
+_JITTED_TURN = jax.jit(_turn, static_argnums=0, donate_argnums=4)
+
+
 class TinyUnifiedModel:
   """A `UnifiedModel` running a small `Decoder` in process (see the module docstring).
 
@@ -149,8 +153,12 @@ class TinyUnifiedModel:
     )
     decoder = Decoder(self.decoder_config, rngs=nnx.Rngs(seed))
     self.graphdef, self.params = nnx.split(decoder)
-    fn = _turn if max_traces is None else chex.assert_max_traces(_turn, n=max_traces)
-    self._jitted_turn = jax.jit(fn, static_argnums=0, donate_argnums=4)
+    if max_traces is None:
+      self._jitted_turn = _JITTED_TURN
+    else:  # A private program, so that the count is this instance's.
+      self._jitted_turn = jax.jit(
+        chex.assert_max_traces(_turn, n=max_traces), static_argnums=0, donate_argnums=4
+      )
     self._lock = threading.Lock()
     self._newline = [int(t) for t in tokenizer.encode("\n")]
     self.reset()
