@@ -20,10 +20,7 @@ from imug_jax.models import protocol
 from imug_jax.models.protocol import Message, ModelError, UnifiedModel
 from imug_jax.scoring import image_points
 
-RATE_PROMPT = (
-  "Look at the image you just generated. How well does it fulfil the user's last instruction? "
-  "Reply with a single digit from 0 (not at all) to 5 (perfectly)."
-)
+RATE_PROMPT = "How well does your image follow the instruction? One digit, 0 to 5."
 _DIGIT = re.compile(r"[0-5]")
 
 

@@ -28,15 +28,10 @@ from imug_jax.models import protocol
 from imug_jax.models.protocol import Message, Response, UnifiedModel
 from imug_jax.tts.verifiers import SelfVerifier, Verifier, with_candidate
 
-PLAN_PROMPT = (
-  "Before drawing, think it through: describe in a few sentences exactly what the image must "
-  "show (objects, colours, counts, positions) to fulfil the instruction above."
-)
-DRAW_PROMPT = "Now generate the image, following your plan exactly."
-CHECK_PROMPT = (
-  "Look at the image you just generated. Does it fulfil the user's last instruction exactly "
-  "(objects, colours, counts, positions)? Answer YES or NO."
-)
+# Short on purpose: small in-process models have small context buckets.
+PLAN_PROMPT = "First plan the image: what objects, colours, counts and positions must it show?"
+DRAW_PROMPT = "Now draw the image following your plan."
+CHECK_PROMPT = "Does your image follow the instruction exactly? Answer YES or NO."
 _YES_NO = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
 
 
@@ -153,8 +148,9 @@ class BestOfN(_Wrapper):
       raise ValueError(f"n must be >= 1, got {n}")
     self.n = n
     self.verifier = verifier if verifier is not None else SelfVerifier(model)
-    self.suffix = f"bon{n}"
-    self.name = f"{model.name}+bon{n}:{self.verifier.name}"
+    kind = "self" if isinstance(self.verifier, SelfVerifier) else "judge"
+    self.suffix = f"bon{n}-{kind}"
+    self.name = f"{model.name}+{self.suffix}"
     self.batched_calls = 0
     self.last_scores: list[float] = []
 

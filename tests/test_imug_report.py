@@ -1,0 +1,140 @@
+"""Exposure-bias statistics, the report (summary.json, markdown, PNG plots) and run pairing."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imug_jax import report
+from imug_jax.data import synthetic
+from imug_jax.scoring import exposure, layout, summary
+from imug_jax.scoring.summary import TurnRow
+
+
+def rows_with_trend(model, slope, *, samples=30, turns=(1, 2, 3, 4), noise=4.0, seed=0):
+  gen = np.random.default_rng(seed)
+  rows = []
+  for s in range(samples):
+    for domain in ("Apparel", "Botany"):
+      for t in turns:
+        score = float(np.clip(80 + slope * (t - 1) + gen.normal(0, noise), 0, 100))
+        rows.append(TurnRow(model, domain, "sub", str(s), t, "image", score))
+  return rows
+
+
+def test_slope_drop_and_gap_recover_a_known_trend():
+  own = rows_with_trend("m", -6.0)
+  ref = rows_with_trend("m__refhist", -1.0, seed=1)
+  result = exposure.analyse(own, ref, num_boot=300)
+  overall = result["groups"]["overall"]
+  assert overall["slope"]["value"] == pytest.approx(-6.0, abs=0.6)
+  assert overall["slope"]["low"] < overall["slope"]["value"] < overall["slope"]["high"]
+  assert overall["slope"]["high"] < 0
+  assert overall["drop_first_to_last"]["value"] == pytest.approx(18.0, abs=2.0)
+  assert set(result["groups"]) == {"overall", "Static Spatial", "Temporal Causal"}
+  turn_one = overall["by_turn"][1]
+  assert turn_one["count"] == 60 and turn_one["mean"]["low"] < turn_one["mean"]["value"]
+  gap = result["gap"]["overall"]
+  assert gap["by_turn"][1]["value"] == pytest.approx(0.0, abs=2.5)
+  assert gap["by_turn"][4]["value"] == pytest.approx(-15.0, abs=3.0)
+  assert gap["by_turn"][4]["high"] < 0
+  assert gap["slope_difference"] == pytest.approx(-5.0, abs=0.8)
+
+
+def test_exposure_ignores_text_rows_and_single_turns():
+  rows = [
+    TurnRow("m", "Apparel", "s", "1", 1, "image", 50.0),
+    TurnRow("m", "Apparel", "s", "1", 2, "text", 0.0),
+  ]
+  result = exposure.analyse(rows, num_boot=50)
+  assert result["groups"]["overall"]["slope"]["value"] is None
+  assert result["groups"]["overall"]["by_turn"][1]["mean"]["value"] == 50.0
+  assert "gap" not in result
+
+
+def test_run_pairing():
+  baselines, refs, tts = report.pair_runs(["m", "m__refhist", "m+cot", "x+verify", "n"])
+  assert baselines == ["m", "x+verify", "n"] and refs == {"m": "m__refhist"}
+  assert tts == {"m+cot": "m"}
+
+
+def copy_run(bench, root, name, *, corrupt_from_turn=None):
+  """A rollout whose images are the ground truth (optionally noise from some turn on)."""
+  truth = synthetic.ground_truth_images(bench.data_dir)
+  for sample in bench.samples:
+    folder = layout.question_dir(root / name, sample.key)
+    folder.mkdir(parents=True)
+    responses = {}
+    for task in sample.tasks:
+      if task.modality == "image":
+        data = truth[(sample.key, task.turn)].read_bytes()
+        if corrupt_from_turn is not None and task.turn >= corrupt_from_turn:
+          noise = np.random.default_rng(task.turn).integers(0, 255, (96, 96, 3), np.uint8)
+          path = folder / f"turn_{task.turn}_output.png"
+          Image.fromarray(noise).save(path)
+        else:
+          (folder / f"turn_{task.turn}_output.png").write_bytes(data)
+        responses[task.turn] = f"turn_{task.turn}_output.png"
+      else:
+        responses[task.turn] = "A" if task.is_dynamic else task.answer
+    (folder / "result.json").write_text(json.dumps(sample.with_responses(responses).to_json()))
+
+
+def test_score_and_report_writes_everything(tmp_path):
+  bench = synthetic.write_synthetic(tmp_path / "bench", 12, seed=3)
+  out = tmp_path / "outputs" / "model_outputs"
+  copy_run(bench, out, "m", corrupt_from_turn=3)
+  copy_run(bench, out, "m__refhist")
+  copy_run(bench, out, "m+cot", corrupt_from_turn=3)
+  (out / "empty_folder").mkdir()
+  payload = report.score_and_report(
+    out, bench.data_dir, "random:7", num_boot=100, print_tables=False
+  )
+  report_dir = tmp_path / "outputs" / "report"
+  assert payload["runs"] == {
+    "baselines": ["m"],
+    "references": {"m": "m__refhist"},
+    "tts": {"m+cot": "m"},
+  }
+  on_disk = json.loads((report_dir / "summary.json").read_text())
+  assert on_disk["score_unit"] == "percentage" and set(on_disk["models"]) == {
+    "m",
+    "m__refhist",
+    "m+cot",
+  }
+  # The official summary equals one recomputed from the per-turn records.
+  records = [json.loads(line) for line in (report_dir / "scores" / "m.jsonl").open()]
+  rows = [
+    TurnRow("m", r["domain"], r["subdomain"], r["sample_id"], r["turn"], r["modality"], r["score"])
+    for r in records
+    if r["status"] == "ok"
+  ]
+  assert on_disk["models"]["m"]["overall"] == summary.summarize(rows)["overall"]
+  assert (
+    payload["scoring"]["mcq_parser"] == "official" and payload["scoring"]["judge"] == "random:7"
+  )
+  # Same random judge and identical images: the copy scores exactly as the baseline.
+  assert payload["tts"]["m+cot"]["overall"]["gain"] == 0.0
+  for name in ("score_by_turn_m.png", "own_vs_reference_m.png", "tts_gains.png"):
+    with Image.open(report_dir / name) as image:
+      assert image.format == "PNG" and image.size == (720, 440)
+  text = (report_dir / "report.md").read_text()
+  for fragment in (
+    "# IMUG-Bench report",
+    "MCQ parser: **official**",
+    "## Exposure bias",
+    "own - reference",
+    "## Test-time scaling",
+    "![TTS gains](tts_gains.png)",
+  ):
+    assert fragment in text
+  assert "| Overall |" in (report_dir / "summary.md").read_text()
+  # A rerun reuses every judge result.
+  again = report.score_and_report(out, bench.data_dir, "random:7", num_boot=100, print_tables=False)
+  assert all(c["judge_calls"] == 0 for c in again["counts"].values())
+  assert again["models"] == payload["models"]
+  shutil.rmtree(out)
+  with pytest.raises(FileNotFoundError, match="no run folders"):
+    report.score_and_report(out, bench.data_dir, "random", print_tables=False)
