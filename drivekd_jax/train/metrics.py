@@ -9,6 +9,7 @@ pulls a full backward pass through the student.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -209,3 +210,31 @@ class MetricsWriter:
     if self._writer is not None:
       self._writer.close()
       self._writer = None
+
+
+def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
+  """Reads every scalar from the event files in `logdir`: tag -> [(step, value)] in file order.
+
+  Event files are TFRecord streams (u64 length, u32 crc, payload, u32 crc) of `Event` protos.
+  """
+  import glob
+  import struct
+
+  from tensorboardX.proto import event_pb2
+
+  out: dict[str, list[tuple[int, float]]] = {}
+  for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
+    with open(path, "rb") as f:
+      data = f.read()
+    offset = 0
+    while offset + 12 <= len(data):
+      (length,) = struct.unpack("<Q", data[offset : offset + 8])
+      start = offset + 12
+      if start + length + 4 > len(data):
+        break  # a record still being written
+      event = event_pb2.Event.FromString(data[start : start + length])
+      offset = start + length + 4
+      for value in event.summary.value:
+        if value.HasField("simple_value"):
+          out.setdefault(value.tag, []).append((int(event.step), float(value.simple_value)))
+  return out
