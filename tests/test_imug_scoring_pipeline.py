@@ -289,3 +289,17 @@ def test_pipeline_records_failures_and_retries_them_on_rerun(synthetic_release, 
   random_judge = RandomJudge()
   rerun = pipeline.score_model(model_dir, bench, random_judge)
   assert rerun.failures == [] and random_judge.calls == len(result.failures)
+
+
+def test_a_broken_result_file_is_reported_and_the_rest_scored(synthetic_release, tmp_path):
+  bench = synthetic_release
+  model_dir = tmp_path / "m"
+  perfect_rollout(bench, model_dir)
+  broken = layout.question_dir(model_dir, bench.samples[0].key) / "result.json"
+  broken.write_text("{not json")
+  result = pipeline.score_model(model_dir, bench, RandomJudge())
+  assert (
+    result.counts["invalid_results"] == 1 and result.counts["samples"] == len(bench.samples) - 1
+  )
+  assert result.failures[0]["method"] == "result" and str(broken) in result.failures[0]["error"]
+  assert len(result.failures) == 1 and result.rows

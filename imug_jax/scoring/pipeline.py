@@ -83,9 +83,22 @@ def score_model(
   prompts = prompts or PromptSet.ours()
   mcq._check_parser(options.mcq_parser)
   counts = {"missing_samples": 0, "judge_calls_reused": 0, "grid_overrides": 0}
-  work = []
+  work, invalid = [], []
   for sample in files.samples or ():
-    result = layout.load_result(model_dir, sample.key)
+    try:
+      result = layout.load_result(model_dir, sample.key)
+    except ValueError as error:  # A broken result.json: report it, score the other samples.
+      counts["invalid_results"] = counts.get("invalid_results", 0) + 1
+      invalid.append(
+        {
+          **_sample_fields(model_name, sample),
+          "method": "result",
+          "error": str(error),
+          "status": "failed",
+          "turn": None,
+        }
+      )
+      continue
     if result is None:
       counts["missing_samples"] += 1
       continue
@@ -218,7 +231,7 @@ def score_model(
         "mcq": value,
       }
 
-  rows, failures, ordered = [], [], []
+  rows, failures, ordered = [], list(invalid), []
   for sample, _ in work:
     for task in sample.tasks:
       record = records.get((sample.key, task.turn))
@@ -259,16 +272,18 @@ def score_model(
   return ScoreResult(rows=rows, records=ordered, failures=failures, counts=counts)
 
 
-def _base_record(model: str, sample: schema.Sample, task: schema.Turn) -> dict:
+def _sample_fields(model: str, sample: schema.Sample) -> dict:
   return {
     "model": model,
     "domain": sample.domain,
     "subdomain": sample.subdomain,
     "sample_id": sample.sample_id,
     "class": class_name(sample.domain),
-    "turn": task.turn,
-    "modality": task.modality,
   }
+
+
+def _base_record(model: str, sample: schema.Sample, task: schema.Turn) -> dict:
+  return {**_sample_fields(model, sample), "turn": task.turn, "modality": task.modality}
 
 
 def _same(record: dict, fingerprint: dict) -> bool:
