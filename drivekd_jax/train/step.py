@@ -1,0 +1,414 @@
+"""The pure Drive-KD train step: one forward of the student, one VJP for all losses, AGP, update.
+
+`make_train_step(...)` returns `step(state, batch, rng, teacher_states) -> (state, metrics)`, a
+pure function to wrap in `jax.jit` with donation and shardings (`jit_train_step`). Teacher
+parameters come in as an argument (the trainer's `extra`), so they are inputs of the compiled
+program rather than baked-in constants, and they are never part of the `TrainState`.
+`bind_teachers(step, teacher_states)` gives the `(state, batch, rng)` form.
+
+Inside, for each micro-batch of `config.microbatch_size` samples (official: 1), in a `lax.scan`:
+  1. each teacher runs once, frozen (stop_gradient), materialising only its requested maps;
+  2. the student runs once; the loss vector is [L_sup, L_k for each active capability k], where
+     L_k is the batch mean of the per-sample loss times the sample's mixing coefficient;
+  3. one `jax.vjp` and a vmap of its pullback over the rows of diag(w) (w = static or dynamic
+     loss weights) give the stacked weighted gradients `[1+K, *param]` in one backward pass;
+  4. the optax chain (AGP -> accumulate -> AdamW) turns them into an update; a micro-batch with a
+     non-finite loss or gradient is skipped and counted, a micro-batch of padding examples only
+     is skipped silently;
+  5. dynamic weights accumulate their window statistics and update after every
+     `grad_accum_steps` applied micro-steps.
+
+Batch (numpy or jax): input_ids, labels, attention_mask, image_mask, positions [B, L],
+pixel_values [B, M, H, W, 3], capability [B] int32, example_mask [B] bool.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from drivekd_jax.distill import agp as agp_lib
+from drivekd_jax.distill import losses
+from drivekd_jax.distill import signals as signals_lib
+from drivekd_jax.distill.reweight import Reweighter
+from drivekd_jax.models.config import InternVLConfig
+from drivekd_jax.train import state as state_lib
+
+BATCH_KEYS = (
+  "input_ids",
+  "labels",
+  "attention_mask",
+  "image_mask",
+  "positions",
+  "pixel_values",
+  "capability",
+  "example_mask",
+)
+LOSS_NAMES = ("sup",) + signals_lib.CAPABILITIES
+
+
+def reweighter_for(config: signals_lib.DistillConfig) -> Reweighter:
+  """The loss-weight policy of a config (static weights of [CE, active capabilities])."""
+  static = (config.weight_ce,) + tuple(
+    config.weights[signals_lib.CAPABILITIES.index(c)] for c in config.active
+  )
+  return Reweighter(
+    static=static,
+    enabled=config.dynamic_weights,
+    lr=config.reweight_lr,
+    alpha=config.reweight_alpha,
+    eps=config.reweight_eps,
+    w_min=config.reweight_min,
+    w_max=config.reweight_max,
+    min_ce=config.reweight_min_ce,
+  )
+
+
+def make_optimizer(
+  config: signals_lib.DistillConfig,
+  learning_rate: float | optax.Schedule = 5e-5,
+  *,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  weight_decay: float = 0.0,
+) -> optax.GradientTransformation:
+  """`chain(AGP, MultiSteps(AdamW, grad_accum_steps))` with the official defaults (§3.5)."""
+  combiner = agp_lib.asymmetric_gradient_projection(
+    mode=config.agp_mode, seed=config.agp_seed, num_capabilities=len(config.active)
+  )
+  inner = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+  if config.grad_accum_steps > 1:
+    inner = optax.MultiSteps(inner, config.grad_accum_steps).gradient_transformation()
+  return optax.chain(combiner, inner)
+
+
+def init_train_state(
+  config: signals_lib.DistillConfig,
+  student: nnx.Module,
+  tx: optax.GradientTransformation,
+  rng: jax.Array,
+  teacher_configs: Sequence[InternVLConfig] = (),
+) -> tuple[Any, state_lib.TrainState]:
+  """Splits the student and builds the initial `TrainState`.
+
+  Hidden-state signals whose student and teacher widths differ get a learned projection
+  `aux["hidden_proj/<capability>"]` `[D_s, D_t]` (LeCun-normal init from `rng`).
+
+  Returns:
+    (student graphdef, state).
+  """
+  graphdef, params, frozen = state_lib.split_student(student, config.trainable)
+  aux = {}
+  d_s = student.config.text.hidden_size
+  for cap in config.active:
+    if config.signal(cap).kind != "hidden":
+      continue
+    d_t = teacher_configs[config.teacher_index(cap)].text.hidden_size
+    if d_t != d_s:
+      key = jax.random.fold_in(rng, signals_lib.CAPABILITIES.index(cap))
+      aux[f"hidden_proj/{cap}"] = jax.random.normal(key, (d_s, d_t), jnp.float32) / d_s**0.5
+  state = state_lib.create_train_state(
+    params={"student": params, "aux": aux},
+    frozen=frozen,
+    tx=tx,
+    reweight=reweighter_for(config).init(),
+    rng=jax.random.fold_in(rng, 1_000_003),
+  )
+  return graphdef, state
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Static facts the step closes over."""
+
+  config: signals_lib.DistillConfig
+  student_graphdef: Any
+  teacher_graphdefs: tuple[Any, ...]
+  student_request: Any
+  teacher_requests: tuple[Any, ...]
+  teacher_logits: tuple[bool, ...]
+  resolved: tuple[signals_lib.ResolvedSignal, ...]
+  reweighter: Reweighter
+
+
+def _signal_loss(sig: signals_lib.ResolvedSignal, student_out, teacher_out, mb, aux):
+  """Per-sample loss `[b]` of one capability signal."""
+  spec = sig.signal
+  attn = mb["attention_mask"].astype(bool)
+  if spec.kind == "logit_kl":
+    return losses.logit_kl(
+      student_out.logits, teacher_out.logits, mb["labels"], attn, spec.temperature
+    )
+  if spec.kind == "hidden":
+    ((s_layer, (t_layer,)),) = sig.windows
+    proj = aux.get(f"hidden_proj/{sig.capability}")
+    return losses.hidden_mse(
+      student_out.hidden_states[s_layer], teacher_out.hidden_states[t_layer], attn, proj
+    )
+  if spec.map == "full":
+    return losses.grouped_full_map_loss(
+      student_out.full_maps, teacher_out.full_maps, sig.windows, attn, spec.metric
+    )
+  image_mask = mb["image_mask"].astype(bool)
+  query = losses.text_query_mask(image_mask, attn)
+  per_layer = []
+  for s_layer, t_layers in sig.windows:
+    s_map = student_out.text_to_image_maps[s_layer]
+    t_map = sum(teacher_out.text_to_image_maps[t] for t in t_layers) / float(len(t_layers))
+    keys = losses.image_key_valid(image_mask, s_map.shape[-1])
+    fn = losses.text_to_image_mse if spec.metric == "mse" else losses.text_to_image_cosine
+    per_layer.append(fn(s_map, t_map, query, keys))
+  return sum(per_layer) / float(len(per_layer))
+
+
+def _model_call(model, mb, request):
+  return model(
+    mb["input_ids"],
+    mb["pixel_values"],
+    attention_mask=mb["attention_mask"].astype(bool),
+    positions=mb["positions"],
+    maps=request,
+  )
+
+
+def _teacher_outputs(plan: _Plan, teacher_states, mb):
+  outs = []
+  for i, graphdef in enumerate(plan.teacher_graphdefs):
+    request = plan.teacher_requests[i]
+    if request.empty and not plan.teacher_logits[i]:
+      outs.append(None)
+      continue
+    teacher = nnx.merge(graphdef, jax.lax.stop_gradient(teacher_states[i]))
+    outs.append(jax.lax.stop_gradient(_model_call(teacher, mb, request)))
+  return outs
+
+
+def _loss_vector(plan: _Plan, params, frozen, mb, teacher_outs, mixing):
+  """([L_sup, mixed L_k...], (raw per-loss values, effective mixing coefficients))."""
+  model = nnx.merge(plan.student_graphdef, params["student"], frozen)
+  out = _model_call(model, mb, plan.student_request)
+  ex = mb["example_mask"].astype(bool)
+  ce = losses.cross_entropy(out.logits, mb["labels"], mb["attention_mask"].astype(bool), ex)
+  mixed, raw, mix_eff = [ce], [ce], [jnp.ones((), jnp.float32)]
+  rows = mixing[mb["capability"]]
+  for sig in plan.resolved:
+    per_sample = _signal_loss(sig, out, teacher_outs[sig.teacher], mb, params["aux"])
+    column = rows[:, signals_lib.CAPABILITIES.index(sig.capability)]
+    mixed.append(losses.masked_batch_mean(per_sample, column, ex))
+    raw.append(losses.masked_batch_mean(per_sample, None, ex))
+    mix_eff.append(losses.masked_batch_mean(column, None, ex))
+  return jnp.stack(mixed), (jnp.stack(raw), jnp.stack(mix_eff))
+
+
+def _slot_sq_norms(stacked):
+  """Σ over leaves of the squared norm of each of the 1+K slices, fp32 `[1+K]`."""
+  total = 0.0
+  for g in jax.tree.leaves(stacked):
+    g = g.astype(jnp.float32)
+    total = total + jnp.sum(jnp.square(g), axis=tuple(range(1, g.ndim)))
+  return total
+
+
+def _agp_state(opt_state):
+  found = [
+    s
+    for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, agp_lib.AGPState))
+    if isinstance(s, agp_lib.AGPState)
+  ]
+  return found[0] if found else None
+
+
+def _select(flag, new, old):
+  return jax.tree.map(lambda a, b: jnp.where(flag, a, b), new, old)
+
+
+def make_train_step(
+  config: signals_lib.DistillConfig,
+  *,
+  student_graphdef: Any,
+  student_config: InternVLConfig,
+  teacher_graphdefs: Sequence[Any],
+  teacher_configs: Sequence[InternVLConfig],
+  tx: optax.GradientTransformation,
+) -> Callable[..., tuple[state_lib.TrainState, dict[str, jax.Array]]]:
+  """Builds the pure Drive-KD step.
+
+  Args:
+    config: the `DistillConfig`.
+    student_graphdef: from `init_train_state` (or `state_lib.split_student`).
+    student_config, teacher_configs: model configs (layer counts resolve the layer specs).
+    teacher_graphdefs: one per teacher (`nnx.split(teacher)[0]`); `config.teacher_for` maps
+      capabilities to them.
+    tx: the optimizer chain over stacked `[1+K, ...]` gradients (`make_optimizer`, or the
+      trainer's `build_optimizer` with AGP as the gradient combiner). The chain receives the
+      extra argument `capability_active` (bool `[K]`).
+
+  Returns:
+    `step(state, batch, rng, teacher_states) -> (state, metrics)`; `teacher_states` is a tuple
+    of `nnx.State`, one per teacher graphdef. `rng` is accepted for the trainer's interface but
+    not needed: the step draws nothing itself (AGP's order comes from the key carried in its own
+    optax state); `state.rng` is advanced once per step for the trainer's use.
+  """
+  if len(teacher_graphdefs) != len(teacher_configs):
+    raise ValueError("one teacher config per teacher graphdef is needed")
+  if config.active and config.num_teachers > len(teacher_graphdefs):
+    raise ValueError(
+      f"config.teacher_for uses {config.num_teachers} teachers; {len(teacher_graphdefs)} given"
+    )
+  t_layers = tuple(c.text.num_layers for c in teacher_configs)
+  s_layers = student_config.text.num_layers
+  student_request, teacher_requests = signals_lib.map_requests(config, s_layers, t_layers)
+  logits_needed = signals_lib.needs_teacher_logits(config)
+  plan = _Plan(
+    config=config,
+    student_graphdef=student_graphdef,
+    teacher_graphdefs=tuple(teacher_graphdefs),
+    student_request=student_request,
+    teacher_requests=teacher_requests,
+    teacher_logits=tuple(
+      logits_needed[i] if i < len(logits_needed) else False for i in range(len(t_layers))
+    ),
+    resolved=signals_lib.resolve_signals(config, s_layers, t_layers),
+    reweighter=reweighter_for(config),
+  )
+  num_losses = 1 + len(plan.resolved)
+  names = ("sup",) + tuple(r.capability for r in plan.resolved)
+  accum = config.grad_accum_steps
+  micro = config.microbatch_size
+
+  def microstep(carry, mb, teacher_states, mixing):
+    params, opt_state, rw, skipped, in_row, frozen = carry
+    teacher_outs = _teacher_outputs(plan, teacher_states, mb)
+    fn = lambda p: _loss_vector(plan, p, frozen, mb, teacher_outs, mixing)
+    vec, pullback, (raw, mix_eff) = jax.vjp(fn, params, has_aux=True)
+    weights = jax.lax.stop_gradient(plan.reweighter.weights(rw))
+    (stacked,) = jax.vmap(pullback)(jnp.diag(weights))
+    sq = _slot_sq_norms(stacked)
+    finite = jnp.all(jnp.isfinite(vec)) & jnp.all(jnp.isfinite(sq))
+    valid = jnp.any(mb["example_mask"])
+    apply = valid & finite
+    active = mix_eff[1:] > 0
+    updates, new_opt = tx.update(stacked, opt_state, params, capability_active=active)
+    new_params = optax.apply_updates(params, updates)
+    # Un-weighted, un-mixed gradient norms scaled by 1/accum (the official reweighting input).
+    present = jnp.concatenate([jnp.ones((1,), bool), active])
+    raw_norm = jnp.sqrt(sq + 1e-20) / weights / jnp.where(mix_eff > 0, mix_eff, 1.0) / accum
+    new_rw = plan.reweighter.accumulate(rw, raw, raw_norm, present)
+    new_rw = _select(new_rw.count >= accum, plan.reweighter.update(new_rw), new_rw)
+    bad = valid & ~finite
+    carry = (
+      _select(apply, new_params, params),
+      _select(apply, new_opt, opt_state),
+      _select(apply, new_rw, rw),
+      skipped + bad.astype(jnp.int32),
+      jnp.where(bad, in_row + 1, jnp.where(apply, 0, in_row)),
+      frozen,
+    )
+    safe = lambda x: jnp.where(apply, x, 0.0)
+    out = {
+      "applied": apply.astype(jnp.float32),
+      "skipped": bad.astype(jnp.float32),
+      "loss": safe(jnp.sum(weights * vec)),
+      "raw": jax.tree.map(safe, raw),
+      "grad_norm": safe(raw_norm * accum),
+      "weights": weights,
+    }
+    return carry, out
+
+  def step(state: state_lib.TrainState, batch, rng, teacher_states=()):
+    del rng  # Deterministic given the state: AGP draws its order from its own carried key.
+    missing = [k for k in BATCH_KEYS if k not in batch]
+    if missing:
+      raise ValueError(f"train batch is missing fields {missing}")
+    b = batch["input_ids"].shape[0]
+    if b % micro:
+      raise ValueError(f"batch size {b} is not a multiple of microbatch_size {micro}")
+    n_micro = b // micro
+    split = {
+      k: jnp.asarray(batch[k]).reshape((n_micro, micro) + tuple(batch[k].shape[1:]))
+      for k in BATCH_KEYS
+    }
+    mixing = losses.mixing_matrix(config.mixing, config.other_row)
+    teacher_states = tuple(teacher_states)
+    if len(teacher_states) != len(plan.teacher_graphdefs):
+      raise ValueError(
+        f"step got {len(teacher_states)} teacher states for {len(plan.teacher_graphdefs)} teachers"
+      )
+    carry = (
+      state.params,
+      state.opt_state,
+      state.reweight,
+      state.skipped,
+      state.consecutive_skips,
+      state.frozen,
+    )
+    body = lambda c, mb: microstep(c, mb, teacher_states, mixing)
+    carry, per_micro = jax.lax.scan(body, carry, split)
+    params, opt_state, rw, skipped, in_row, _ = carry
+    new_state = state.replace(
+      step=state.step + 1,
+      params=params,
+      opt_state=opt_state,
+      reweight=rw,
+      skipped=skipped,
+      consecutive_skips=in_row,
+      rng=jax.random.split(state.rng)[0],
+    )
+    n_applied = jnp.sum(per_micro["applied"])
+    denom = jnp.maximum(n_applied, 1.0)
+    metrics = {
+      "loss": jnp.sum(per_micro["loss"]) / denom,
+      "skipped": jnp.sum(per_micro["skipped"]),
+      "consecutive_skips": in_row.astype(jnp.float32),
+      "applied_microsteps": n_applied,
+    }
+    for i, name in enumerate(names):
+      metrics[f"loss/{name}"] = jnp.sum(per_micro["raw"][:, i]) / denom
+      metrics[f"grad_norm/{name}"] = jnp.sum(per_micro["grad_norm"][:, i]) / denom
+      metrics[f"weight/{name}"] = per_micro["weights"][-1, i]
+    agp_state = _agp_state(opt_state)
+    if agp_state is not None and num_losses > 1:
+      labels = {1 + i: r.capability for i, r in enumerate(plan.resolved)}
+      labels[0] = "sup"
+      metrics["agp/stage1_conflicts"] = agp_state.stage1_conflicts.astype(jnp.float32)
+      metrics["agp/stage2_conflicts"] = agp_state.stage2_conflicts.astype(jnp.float32)
+      for i in range(num_losses):
+        for j in range(i + 1, num_losses):
+          metrics[f"agp/cos_{labels[i]}_{labels[j]}"] = agp_state.cosine[i, j]
+    return new_state, metrics
+
+  step.plan = plan
+  return step
+
+
+def bind_teachers(step, teacher_states) -> Callable:
+  """The `(state, batch, rng) -> (state, metrics)` form with the teachers bound.
+
+  Under `jax.jit` bound teacher arrays become constants of the program; for large teachers pass
+  them as the fourth argument instead (`jit_train_step`).
+  """
+  teacher_states = tuple(teacher_states)
+  return lambda state, batch, rng: step(state, batch, rng, teacher_states)
+
+
+def jit_train_step(
+  step,
+  *,
+  state_shardings=None,
+  batch_shardings=None,
+  teacher_shardings=None,
+  donate: bool = True,
+):
+  """`jax.jit` of the step with the state donated and, when all given, explicit shardings."""
+  kwargs = {"donate_argnums": (0,) if donate else ()}
+  if state_shardings is not None and batch_shardings is not None:
+    kwargs["in_shardings"] = (state_shardings, batch_shardings, None, teacher_shardings)
+    kwargs["out_shardings"] = (state_shardings, None)
+  return jax.jit(step, **kwargs)
