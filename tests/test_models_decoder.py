@@ -67,7 +67,7 @@ def _fast_compiles():
   jax.config.update("jax_disable_most_optimizations", previous)
 
 
-def _hf_model(case: dict, seed: int = 0):
+def hf_model(case: dict, seed: int = 0):
   """A tiny random HF model with eager attention and non-trivial biases and norm scales."""
   common = dict(
     vocab_size=case["vocab_size"],
@@ -134,7 +134,7 @@ def _decoder_config(case: dict) -> DecoderConfig:
 def pair(request, tmp_path_factory):
   """(name, case, HF model, our Decoder loaded by from_pretrained from HF's save_pretrained)."""
   case = CASES[request.param]
-  hf = _hf_model(case)
+  hf = hf_model(case)
   directory = tmp_path_factory.mktemp(request.param)
   hf.save_pretrained(directory)
   model = from_pretrained(directory, dtype="float32")
@@ -146,13 +146,13 @@ def pair(request, tmp_path_factory):
   return request.param, case, hf, model
 
 
-def _ids(vocab: int, batch: int, length: int, seed: int = 1) -> np.ndarray:
+def random_ids(vocab: int, batch: int, length: int, seed: int = 1) -> np.ndarray:
   return np.random.default_rng(seed).integers(3, vocab, size=(batch, length), dtype=np.int32)
 
 
 def test_logits_and_every_attention_map_match_transformers(pair):
   _, case, hf, model = pair
-  ids = _ids(case["vocab_size"], 2, 13)
+  ids = random_ids(case["vocab_size"], 2, 13)
   with torch.no_grad():
     ref = hf(torch.from_numpy(ids).long(), output_attentions=True)
   every = tuple(range(case["num_layers"]))
@@ -172,7 +172,7 @@ def test_logits_and_every_attention_map_match_transformers(pair):
 
 def test_text_to_image_block_is_the_gathered_full_map(pair):
   _, case, _, model = pair
-  ids = jnp.asarray(_ids(case["vocab_size"], 2, 12, seed=3))
+  ids = jnp.asarray(random_ids(case["vocab_size"], 2, 12, seed=3))
   image_keys = jnp.array([[2, 3, 4, 5], [1, 2, 7, 8]], jnp.int32)
   request = MapRequest(full_layers=(0, -1), text_to_image_layers=(-1,), hidden_layers=(0,))
   out = _run(model, ids, maps=request, image_key_positions=image_keys)
@@ -196,7 +196,7 @@ def test_padded_batch_equals_unpadded_rows(pair):
   """Rows 0-1 left-padded, rows 2-3 right-padded: real positions match each row run alone."""
   _, case, _, model = pair
   width = 11
-  rows = [_ids(case["vocab_size"], 1, n, seed=10 + b)[0] for b, n in enumerate([9, 5, 5, 9])]
+  rows = [random_ids(case["vocab_size"], 1, n, seed=10 + b)[0] for b, n in enumerate([9, 5, 5, 9])]
   ids = np.zeros((4, width), np.int32)
   mask = np.zeros((4, width), bool)
   for b, row in enumerate(rows):
@@ -218,7 +218,7 @@ def test_padded_batch_equals_unpadded_rows(pair):
 
 def test_cache_prefill_decode_and_chunk_append_equal_one_pass(pair):
   _, case, _, model = pair
-  ids = jnp.asarray(_ids(case["vocab_size"], 2, 14, seed=5))
+  ids = jnp.asarray(random_ids(case["vocab_size"], 2, 14, seed=5))
   full = _run(model, ids)
   cache = model.init_cache(2, 24)
   parts = [ids[:, :6], ids[:, 6:7], ids[:, 7:8], ids[:, 8:14]]  # prefill, 2 decodes, a new chunk
@@ -235,8 +235,8 @@ def test_cache_prefill_decode_and_chunk_append_equal_one_pass(pair):
 def test_padded_chunks_in_the_cache_equal_the_concatenated_real_tokens(pair):
   """Left-padded turn 1, right-padded turn 2 through the cache == the real tokens in one pass."""
   _, case, _, model = pair
-  turn1 = _ids(case["vocab_size"], 2, 6, seed=7)
-  turn2 = _ids(case["vocab_size"], 2, 5, seed=8)
+  turn1 = random_ids(case["vocab_size"], 2, 6, seed=7)
+  turn2 = random_ids(case["vocab_size"], 2, 5, seed=8)
   mask1 = np.array([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], bool)
   mask2 = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], bool)
   cache = model.init_cache(2, 16)
@@ -264,7 +264,7 @@ def test_logits_indices_and_cache_logical_axes():
     vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=32
   )
   model = Decoder(config, rngs=nnx.Rngs(1))
-  ids = jnp.asarray(_ids(50, 2, 7))
+  ids = jnp.asarray(random_ids(50, 2, 7))
   full = _run(model, ids).logits
   picked = _run(model, ids, logits_indices=jnp.array([[6], [3]])).logits
   np.testing.assert_allclose(picked[:, 0], full[jnp.arange(2), jnp.array([6, 3])], atol=1e-6)
@@ -292,5 +292,5 @@ def test_every_parameter_has_logical_axes():
     axes = variable.get_metadata()["out_sharding"]
     assert len(axes) == variable.get_value().ndim and all(isinstance(a, str) for a in axes)
     assert variable.get_value().dtype == jnp.float32
-  out = _run(model, jnp.asarray(_ids(50, 1, 5)), maps=MapRequest(full_layers=(1,)))
+  out = _run(model, jnp.asarray(random_ids(50, 1, 5)), maps=MapRequest(full_layers=(1,)))
   assert out.logits.dtype == jnp.float32 and out.full_maps[1].dtype == jnp.float32
