@@ -19,8 +19,8 @@ CONFIG = TinyConfig(
   num_heads=2,
   num_kv_heads=1,
   intermediate_size=64,
-  cache_length=2048,
-  chunk_buckets=(256,),
+  cache_length=1024,
+  chunk_buckets=(64,),
   max_text_tokens=4,
   image_grid=4,
   image_patch=8,
@@ -160,8 +160,13 @@ def test_several_samples_decode_as_one_batch(tokenizer):
   assert batched.respond(history, "text_only", 0.0) == single.respond(history, "text_only", 0.0)
 
 
-def test_prompt_too_long_is_a_model_error(tokenizer):
+def test_long_prompts_are_prefilled_in_pieces_and_overlong_ones_fail(tokenizer):
+  history = [protocol.message("user", [protocol.text_item("Draw a red square. " * 60)])]
   model = TinyUnifiedModel(tokenizer, CONFIG)
-  history = [protocol.message("user", [protocol.text_item("Draw a red square. " * 200)])]
-  with pytest.raises(ModelError, match="exceeds the largest bucket"):
-    model.respond(history, "text_only", 0.0)
+  assert len(model.encode_prompt(history, "text_only")) > 3 * CONFIG.chunk_buckets[-1]
+  pieces = model.respond(history, "text_only", 0.0)
+  whole = TinyUnifiedModel(tokenizer, dataclasses.replace(CONFIG, chunk_buckets=(512,)))
+  assert pieces == whole.respond(history, "text_only", 0.0)
+  small = TinyUnifiedModel(tokenizer, dataclasses.replace(CONFIG, cache_length=128))
+  with pytest.raises(ModelError, match="does not fit the cache"):
+    small.respond(history, "text_only", 0.0)

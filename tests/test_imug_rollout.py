@@ -53,8 +53,9 @@ def bench(tmp_path_factory):
 
 def test_rollout_writes_the_official_layout_with_own_history(bench, tmp_path):
   model = FakeModel(fail_substring="How many blocks are in the stack")
-  summary = runner.run_rollout(model, bench.samples, images_dir=bench.images_dir,
-                               out_dir=tmp_path, progress=False)
+  summary = runner.run_rollout(
+    model, bench.samples, images_dir=bench.images_dir, out_dir=tmp_path, progress=False
+  )
   assert (summary.done, summary.skipped, summary.failed) == (8, 0, 0)
   assert summary.turns == sum(len(s.tasks) for s in bench.samples)
   errors = 0
@@ -62,7 +63,8 @@ def test_rollout_writes_the_official_layout_with_own_history(bench, tmp_path):
     folder = tmp_path / "fake" / sample.domain / sample.subdomain / f"question_{sample.sample_id}"
     raw = json.loads((folder / "result.json").read_text())
     assert {k: v for k, v in raw.items() if k != "tasks"} == {
-        k: v for k, v in sample.to_json().items() if k != "tasks"}
+      k: v for k, v in sample.to_json().items() if k != "tasks"
+    }
     result = layout.load_result(tmp_path / "fake", sample.key)  # What the scorers read.
     for task, done in zip(sample.tasks, result.tasks):
       assert done.to_json() | {"model_response": None} == task.to_json() | {"model_response": None}
@@ -72,53 +74,76 @@ def test_rollout_writes_the_official_layout_with_own_history(bench, tmp_path):
       elif task.modality == "image":
         assert done.model_response == f"turn_{task.turn}_output.png"
         assert layout.find_output_image(tmp_path / "fake", sample.key, task.turn) == (
-            folder / done.model_response)
+          folder / done.model_response
+        )
         assert (folder / done.model_response).read_bytes().startswith(runner.PNG_MAGIC)
       else:
         assert done.model_response == "A"
   assert errors == summary.error_turns > 0
   # The histories the model saw: system prompt, user turns with images, its own answers.
-  calls = [c for c in model.calls if c[0][1]["content"][0]["text"] ==
-           bench.samples[0].tasks[0].instruction]
+  calls = [
+    c for c in model.calls if c[0][1]["content"][0]["text"] == bench.samples[0].tasks[0].instruction
+  ]
   sample = bench.samples[0]
   last_history, _, temperature = max(calls, key=lambda c: len(c[0]))
   assert temperature == 0.7
   assert [m["role"] for m in last_history] == ["system"] + ["user", "assistant"] * (
-      len(sample.tasks) - 1) + ["user"]
+    len(sample.tasks) - 1
+  ) + ["user"]
   assert last_history[0]["content"] == [protocol.text_item(sample.system_prompt)]
   folder = layout.question_dir(tmp_path / "fake", sample.key)
   for index, task in enumerate(sample.tasks[:-1]):
     assistant = last_history[2 + 2 * index]["content"]
     if task.modality == "image":
-      assert assistant == [protocol.image_item((folder / f"turn_{task.turn}_output.png")
-                                               .read_bytes())]
+      assert assistant == [
+        protocol.image_item((folder / f"turn_{task.turn}_output.png").read_bytes())
+      ]
     else:
       assert assistant == [protocol.text_item("A")]
   modes = [mode for h, mode, _ in model.calls if h[1] == last_history[1]]
   assert modes == [t.output_mode for t in sample.tasks]
   # The failed turn's assistant message is "Error", as in the official client.
-  failed = [h for h, _, _ in model.calls if h[-1]["content"][0]["text"].startswith(
-      "How many blocks are in the stack")]
-  later = [h for h, _, _ in model.calls if any(
-      m["content"][0].get("text", "").startswith("How many blocks are in the stack")
-      for m in h[:-1])]
+  failed = [
+    h
+    for h, _, _ in model.calls
+    if h[-1]["content"][0]["text"].startswith("How many blocks are in the stack")
+  ]
+  later = [
+    h
+    for h, _, _ in model.calls
+    if any(
+      m["content"][0].get("text", "").startswith("How many blocks are in the stack") for m in h[:-1]
+    )
+  ]
   assert failed and later
   for h in later:
-    at = next(i for i, m in enumerate(h) if m["content"][0].get("text", "").startswith(
-        "How many blocks are in the stack"))
+    at = next(
+      i
+      for i, m in enumerate(h)
+      if m["content"][0].get("text", "").startswith("How many blocks are in the stack")
+    )
     assert h[at + 1]["content"] == [protocol.text_item("Error")]
 
 
 def test_rerun_skips_finished_samples_and_force_redoes_them(bench, tmp_path):
-  runner.run_rollout(FakeModel(), bench.samples, images_dir=bench.images_dir, out_dir=tmp_path,
-                     progress=False)
+  runner.run_rollout(
+    FakeModel(), bench.samples, images_dir=bench.images_dir, out_dir=tmp_path, progress=False
+  )
   again = FakeModel()
-  summary = runner.run_rollout(again, bench.samples, images_dir=bench.images_dir,
-                               out_dir=tmp_path, progress=False)
+  summary = runner.run_rollout(
+    again, bench.samples, images_dir=bench.images_dir, out_dir=tmp_path, progress=False
+  )
   assert (summary.done, summary.skipped, again.calls) == (0, 8, [])
   forced = FakeModel()
-  summary = runner.run_rollout(forced, bench.samples, images_dir=bench.images_dir,
-                               out_dir=tmp_path, force=True, concurrency=4, progress=False)
+  summary = runner.run_rollout(
+    forced,
+    bench.samples,
+    images_dir=bench.images_dir,
+    out_dir=tmp_path,
+    force=True,
+    concurrency=4,
+    progress=False,
+  )
   assert summary.done == 8 and len(forced.calls) == summary.turns
 
 
@@ -127,8 +152,15 @@ def test_reference_history_replaces_earlier_images(bench, tmp_path):
   model = FakeModel()
   source = history.ReferenceHistory(truth)
   assert source.missing(bench.samples) == []
-  runner.run_rollout(model, bench.samples, images_dir=bench.images_dir, out_dir=tmp_path,
-                     model_name="fake__refhist", history_source=source, progress=False)
+  runner.run_rollout(
+    model,
+    bench.samples,
+    images_dir=bench.images_dir,
+    out_dir=tmp_path,
+    model_name="fake__refhist",
+    history_source=source,
+    progress=False,
+  )
   checked = 0
   for h, _, _ in model.calls:
     for index, message in enumerate(h):
@@ -147,14 +179,21 @@ def test_reference_history_replaces_earlier_images(bench, tmp_path):
   dropped = dict(own)
   first = sorted(dropped, key=str)[0]
   del dropped[first]
-  summary = runner.run_rollout(FakeModel(), bench.samples, images_dir=bench.images_dir,
-                               out_dir=tmp_path, model_name="partial",
-                               history_source=history.ReferenceHistory(dropped), progress=False)
+  summary = runner.run_rollout(
+    FakeModel(),
+    bench.samples,
+    images_dir=bench.images_dir,
+    out_dir=tmp_path,
+    model_name="partial",
+    history_source=history.ReferenceHistory(dropped),
+    progress=False,
+  )
   sample_turns = [t for s in bench.samples if s.key == first[0] for t in s.tasks]
   needs_it = any(t.turn > first[1] for t in sample_turns)
   assert summary.failed == int(needs_it)
   assert (layout.question_dir(tmp_path / "partial", first[0]) / "result.json").exists() == (
-      not needs_it)
+    not needs_it
+  )
 
 
 KILLED_RUN = textwrap.dedent("""
@@ -180,9 +219,11 @@ KILLED_RUN = textwrap.dedent("""
 
 
 def test_killed_rollout_resumes_without_losing_or_duplicating(bench, tmp_path):
-  process = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(bench.data_dir),
-                              str(tmp_path)], cwd=ROOT,
-                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  process = subprocess.Popen(
+    [sys.executable, "-c", KILLED_RUN, str(bench.data_dir), str(tmp_path)],
+    cwd=ROOT,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   model_dir = tmp_path / "slow"
   deadline = time.monotonic() + 60
   while len(list(model_dir.rglob("result.json"))) < 3:
@@ -197,16 +238,18 @@ def test_killed_rollout_resumes_without_losing_or_duplicating(bench, tmp_path):
     json.loads(path.read_text())
   resumed = FakeModel()
   resumed.name = "slow"
-  summary = runner.run_rollout(resumed, bench.samples, images_dir=bench.images_dir,
-                               out_dir=tmp_path, progress=False)
+  summary = runner.run_rollout(
+    resumed, bench.samples, images_dir=bench.images_dir, out_dir=tmp_path, progress=False
+  )
   assert summary.skipped == len(before)
   assert summary.done == len(bench.samples) - len(before)
   # Nothing lost: every sample complete, once; nothing duplicated: finished ones untouched.
   results = sorted(model_dir.rglob("result.json"))
   assert len(results) == len(bench.samples)
   assert {p: p.stat().st_mtime_ns for p in before} == before
-  todo = [s for s in bench.samples
-          if layout.question_dir(model_dir, s.key) / "result.json" not in before]
+  todo = [
+    s for s in bench.samples if layout.question_dir(model_dir, s.key) / "result.json" not in before
+  ]
   assert len(resumed.calls) == sum(len(s.tasks) for s in todo)
   assert all(runner.is_complete(model_dir, s) for s in bench.samples)
 

@@ -246,6 +246,24 @@ class TinyUnifiedModel:
     with self._lock:
       return self._respond(list(history), output_mode, float(temperature), rng)
 
+  def _pieces(self, delta: list[int], suffix: int) -> list[list[int]]:
+    """Splits a chunk into pieces of at most the largest bucket; the last keeps the header."""
+    largest = self.config.chunk_buckets[-1]
+    pieces = []
+    while len(delta) > largest:
+      cut = min(largest, len(delta) - suffix)
+      pieces.append(delta[:cut])
+      delta = delta[cut:]
+    return [*pieces, delta]
+
+  def _slots_needed(self, pieces: list[list[int]], new_tokens: int) -> int:
+    """Cache slots a call occupies at its peak: earlier pieces stay, the last one samples."""
+    kept = sum(1 + self._bucket(len(p)) for p in pieces[:-1])
+    return kept + max(
+      1 + self._bucket(len(pieces[-1])) + new_tokens,
+      1 + self.config.max_text_tokens if len(pieces) > 1 else 0,
+    )
+
   def _respond(self, history, output_mode, temperature, rng) -> list[Response]:
     image_mode = output_mode == "image_only"
     prompt = self.encode_prompt(history, output_mode)
@@ -258,38 +276,57 @@ class TinyUnifiedModel:
       common += 1
     keep = min(common, len(prompt) - suffix)  # The chunk always holds the whole header.
     self._rollback(keep)
-    delta = prompt[keep:]
-    bucket = self._bucket(len(delta))
-    if int(self.cache.length) + 1 + bucket + new_tokens > self.config.cache_length:
+    pieces = self._pieces(prompt[keep:], suffix)
+    if int(self.cache.length) + self._slots_needed(pieces, new_tokens) > self.config.cache_length:
       self.reset()  # History outgrew the carried cache: start over with the whole prompt.
-      delta, keep = prompt, 0
-      bucket = self._bucket(len(delta))
-      if 1 + bucket + new_tokens > self.config.cache_length:
+      pieces = self._pieces(prompt, suffix)
+      if self._slots_needed(pieces, new_tokens) > self.config.cache_length:
         raise ModelError(
           f"a prompt of {len(prompt)} tokens does not fit the cache "
           f"({self.config.cache_length} slots)"
         )
-
+    for piece in pieces[:-1]:  # Prefill only: append, then drop what was sampled.
+      kept = len(self.tokens) + len(piece)
+      self._append(piece, image_mode=False, temperature=temperature, rng=rng, suffix=0)
+      self._rollback(kept)
+    sampled, counts = self._append(
+      pieces[-1], image_mode=image_mode, temperature=temperature, rng=rng, suffix=suffix
+    )
     n = self.config.num_samples
+    if n > 1:  # Different rows hold different answers: keep only the shared prompt.
+      self._rollback(len(self.tokens))
+    return [self._to_response(sampled[i, : counts[i]], image_mode) for i in range(n)]
+
+  def _append(
+    self, piece: list[int], *, image_mode: bool, temperature: float, rng: jax.Array, suffix: int
+  ) -> tuple[np.ndarray, np.ndarray]:
+    """Writes `piece` into the cache and samples; returns (tokens [2N, T], counts [2N]).
+
+    The piece's tokens are committed; with N == 1 so are the sampled tokens that were fed back
+    (all but the last, pending one).
+    """
+    n = self.config.num_samples
+    bucket = self._bucket(len(piece))
     chunk = np.zeros((self.rows, bucket), np.int32)
     mask = np.zeros((self.rows, bucket), bool)
-    chunk[:, : len(delta)] = delta
-    mask[:n, : len(delta)] = True
+    chunk[:, : len(piece)] = piece
+    mask[:n, : len(piece)] = True
     if image_mode:  # Unconditional rows: only the image-turn header.
-      mask[n:, len(delta) - suffix : len(delta)] = True
-    method_args = dict(
-      temperature=temperature,
-      low=self.text_vocab if image_mode else 0,
-      high=self.decoder_config.vocab_size if image_mode else self.text_vocab,
-    )
-    method = (
-      GuidedSampling(**method_args, guidance=self.config.guidance, num_cond=n)
+      mask[n:, len(piece) - suffix : len(piece)] = True
+    window = (
+      dict(low=self.text_vocab, high=self.decoder_config.vocab_size)
       if image_mode
-      else WindowSampling(**method_args)
+      else (dict(low=0, high=self.text_vocab))
     )
+    if image_mode:
+      method = GuidedSampling(
+        temperature=temperature, guidance=self.config.guidance, num_cond=n, **window
+      )
+    else:
+      method = WindowSampling(temperature=temperature, **window)
     loop = SamplerLoop(
       graphdef=self.graphdef,
-      max_new_tokens=new_tokens,
+      max_new_tokens=self.images.num_tokens if image_mode else self.config.max_text_tokens,
       stop_token_ids=() if image_mode else (self.im_end,),
       method=method,
     )
@@ -306,17 +343,15 @@ class TinyUnifiedModel:
     )
     self.cache = state.cache
     first_slot = start + 1  # Slot `start` is the (unused) pending-token slot.
-    self.tokens += delta
-    self.slots += range(first_slot, first_slot + len(delta))
+    self.tokens += piece
+    self.slots += range(first_slot, first_slot + len(piece))
     sampled = np.asarray(jax.device_get(state.tokens))
     counts = np.asarray(jax.device_get(state.num_tokens))
-    if n == 1:  # The fed tokens (all but the last, pending one) stay in the cache.
+    if n == 1:
       fed = sampled[0, : counts[0] - 1].tolist()
       self.tokens += fed
       self.slots += range(first_slot + bucket, first_slot + bucket + len(fed))
-    else:  # Different rows hold different answers: keep only the shared prompt.
-      self._rollback(len(self.tokens))
-    return [self._to_response(sampled[i, : counts[i]], image_mode) for i in range(n)]
+    return sampled, counts
 
   def _to_response(self, tokens: np.ndarray, image_mode: bool) -> Response:
     if image_mode:
