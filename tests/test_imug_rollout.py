@@ -163,7 +163,7 @@ def test_reference_history_replaces_earlier_images(bench, tmp_path):
   )
   checked = 0
   for h, _, _ in model.calls:
-    for index, message in enumerate(h):
+    for message in h:
       if message["role"] != "assistant":
         continue
       item = message["content"][0]
