@@ -1,8 +1,8 @@
 """Task "imug.eval": benchmark -> rollouts in the official layout (-> scoring, report).
 
 Config (see configs/imug/demo.py):
-  data.release_dir     a release folder (benchmark.jsonl, images/, ...); empty: the synthetic
-                       benchmark, generated into <workdir>/benchmark if absent
+  data.source         "synthetic" (generated into <workdir>/benchmark if absent) or "release"
+  data.release_dir     the release folder (benchmark.jsonl, images/, ...) for "release"
   data.num_samples, data.seed, data.max_samples (0: all)
   model.kind           "tiny" (in-process JAX model) or "http" (official /infer servers)
   model.name           output folder name; model.urls / timeout / retries for "http";
@@ -33,8 +33,13 @@ REFERENCE_SUFFIX = "__refhist"
 
 def load_benchmark(config, workdir: str | Path) -> release_lib.Release:
   """The configured release, or the synthetic benchmark under <workdir>/benchmark."""
-  if config.data.get("release_dir"):
+  source = config.data.get("source", "synthetic")
+  if source == "release":
+    if not config.data.get("release_dir"):
+      raise ValueError("data.source is 'release': set --config.data.release_dir=<folder>")
     return release_lib.load_release(config.data.release_dir)
+  if source != "synthetic":
+    raise ValueError(f"data.source must be 'synthetic' or 'release', got {source!r}")
   root = Path(workdir) / "benchmark"
   if (root / release_lib.BENCHMARK).exists():
     return release_lib.load_release(root)

@@ -205,3 +205,28 @@ def test_serve_cli_serves_the_demo_model(tmp_path):
   finally:
     process.terminate()
     process.wait(timeout=10)
+
+
+def test_eval_config_rolls_out_a_release_through_infer_servers(servers, tmp_path):
+  import importlib.util
+
+  from imug_jax import run as run_lib
+  from imug_jax.data import synthetic
+
+  bench = synthetic.write_synthetic(tmp_path / "release", num_samples=4, seed=0)
+  spec = importlib.util.spec_from_file_location("eval_config", ROOT / "configs/imug/eval.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.data.release_dir = str(bench.data_dir)
+  config.model.urls = tuple(servers[:2])
+  config.model.name = "fake_remote"
+  config.rollout.progress = False
+  summary = run_lib.run(config, str(tmp_path / "work"))
+  counts = summary["runs"]["fake_remote"]
+  assert (counts["done"], counts["failed"], counts["error_turns"]) == (4, 0, 0)
+  results = list((tmp_path / "work/outputs/model_outputs/fake_remote").rglob("result.json"))
+  assert len(results) == 4
+  config.data.release_dir = ""
+  with pytest.raises(ValueError, match="release_dir"):
+    run_lib.run(config, str(tmp_path / "work"))

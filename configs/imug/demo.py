@@ -12,7 +12,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.task = "imug.eval"
 
   config.data = ml_collections.ConfigDict()
-  config.data.release_dir = ""  # Empty: synthetic benchmark in <workdir>/benchmark.
+  config.data.source = "synthetic"  # Written to <workdir>/benchmark.
+  config.data.release_dir = ""
   config.data.num_samples = 8
   config.data.seed = 0
   config.data.max_samples = 0

@@ -1,0 +1,41 @@
+"""IMUG-Bench, the real release, against `/infer` model servers (the official protocol).
+
+  python launch.py --config=configs/imug/eval.py --workdir=DIR \
+      --config.data.release_dir=/path/to/IMUG-Bench/data \
+      --config.model.name=bagel --config.model.urls='("http://127.0.0.1:8000",)'
+
+Rollouts go to DIR/outputs/model_outputs/<name>/...; a rerun resumes. The reference-history
+control needs another run's outputs: --config.rollout.reference_control=True
+--config.rollout.reference_dir=DIR/outputs/model_outputs/<other model>.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.task = "imug.eval"
+
+  config.data = ml_collections.ConfigDict()
+  config.data.source = "release"
+  config.data.release_dir = ""  # Required.
+  config.data.num_samples = 0  # Synthetic only.
+  config.data.seed = 0
+  config.data.max_samples = 0  # 0: every sample.
+
+  config.model = ml_collections.ConfigDict()
+  config.model.kind = "http"
+  config.model.name = "model"
+  config.model.urls = ("http://127.0.0.1:8000",)
+  config.model.timeout = 600.0  # Official client settings.
+  config.model.retries = 3
+
+  config.rollout = ml_collections.ConfigDict()
+  config.rollout.temperature = 0.7  # Official client default.
+  config.rollout.seed = 0
+  config.rollout.concurrency = 8  # Samples in flight; turns of one sample stay sequential.
+  config.rollout.force = False
+  config.rollout.progress = True
+  config.rollout.reference_control = False
+  config.rollout.reference_dir = ""
+  return config
