@@ -378,7 +378,7 @@ def _markdown(payload: dict, failures: Mapping[str, list], figures: Mapping[str,
     f"{s['judge_retries']}.",
     f"- MCQ parser: **{s['mcq_parser']}**"
     + (
-      " (official; reproduces the adjacent-capitals quirk: multi-letter answers such as `BCD` "
+      " (reproduces the official adjacent-capitals quirk: multi-letter answers such as `BCD` "
       "parse to no letter and score 0)."
       if s["mcq_parser"] == "official"
       else " (corrected: runs of capitals such as `BCD` are read as letters; not the official "
