@@ -1,14 +1,19 @@
 """Exposure-bias statistics, the report (summary.json, markdown, PNG plots) and run pairing."""
 
+import io
 import json
 import shutil
 
+import jax
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
 from imug_jax import report
 from imug_jax.data import synthetic
+from imug_jax.models.protocol import Response
+from imug_jax.rollout import runner
 from imug_jax.scoring import exposure, layout, summary
 from imug_jax.scoring.summary import TurnRow
 
@@ -138,3 +143,38 @@ def test_score_and_report_writes_everything(tmp_path):
   shutil.rmtree(out)
   with pytest.raises(FileNotFoundError, match="no run folders"):
     report.score_and_report(out, bench.data_dir, "random", print_tables=False)
+
+
+class SolidModel:
+  """Paints a solid canvas whose colour comes from the key; answers "A"."""
+
+  name = "solid"
+
+  def respond(self, history, output_mode, temperature, rng=None):
+    if output_mode == "text_only":
+      return Response(text="A")
+    value = int(jax.random.randint(rng, (), 0, 255))
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((96, 96, 3), value, np.uint8)).save(buffer, format="PNG")
+    return Response(image=buffer.getvalue())
+
+
+def test_run_from_config_rolls_out_tts_and_reports(tmp_path):
+  bench = synthetic.write_synthetic(tmp_path / "benchmark", 4, seed=1)
+  model = SolidModel()
+  out = tmp_path / "outputs" / "model_outputs"
+  runner.run_rollout(model, bench.samples, images_dir=bench.images_dir, out_dir=out, progress=False)
+  config = ml_collections.ConfigDict(
+    {
+      "data": {"max_samples": 0},
+      "rollout": {"temperature": 0.7, "seed": 0, "force": False, "progress": False},
+      "scoring": {"judge": "random", "judge_seed": 5, "mcq_parser": "corrected", "num_boot": 50},
+      "tts": {"strategies": ["cot", "verify", "bon"], "rounds": 1, "n": 2, "verifier": "judge"},
+    }
+  )
+  payload = report.run_from_config(config, tmp_path, model, bench)
+  assert set(payload["tts"]) == {"solid+cot", "solid+verify", "solid+bon2-judge"}
+  assert payload["scoring"]["mcq_parser"] == "corrected"
+  assert "grid_coloring" in payload["scoring"]["grid_subdomains"]  # synthetic grid task
+  assert (tmp_path / "report" / "report.md").exists()
+  assert all(payload["counts"][run]["samples"] == 4 for run in payload["counts"])
