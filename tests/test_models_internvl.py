@@ -352,6 +352,22 @@ def test_vision_tower_resizes_position_embeddings_like_reference(case):
   got = np.asarray(ours.vision_model(jnp.asarray(pixels)))
   assert got.shape == want.shape == (2, 26, 32)
   assert np.abs(got - want).max() <= 1e-4
+  # The same resize done once at load time (InternViT's resize_pos_embeddings), at 84 px (a 6x6
+  # grid, which the pixel shuffle can halve), checked through the whole image path.
+  resized = from_pretrained(hf_dir, image_size=84)
+  assert resized.config.vision.image_size == 84 and resized.config.tokens_per_image == 9
+  assert resized.vision_model.embeddings.position_embedding.shape == (37, 32)
+  pixels = np.random.default_rng(3).standard_normal((2, 84, 84, 3)).astype(np.float32)
+  with torch.no_grad():
+    want = reference.model.get_image_features(
+      pixel_values=torch.tensor(pixels).permute(0, 3, 1, 2)
+    ).pooler_output.numpy()
+  got = np.asarray(resized.embed_images(jnp.asarray(pixels)))
+  assert got.shape == want.shape == (2, 9, 48)
+  assert np.abs(got - want).max() <= 1e-4
+  for bad in (63, 70):
+    with pytest.raises(ValueError, match=f"image_size {bad} must be a multiple of the patch"):
+      from_pretrained(hf_dir, image_size=bad)
 
 
 def test_wrong_number_of_image_tokens_is_an_error(case):

@@ -38,6 +38,7 @@ import numpy as np
 from flax import nnx
 
 from drivekd_jax.models.config import DecoderConfig, InternVLConfig, VisionConfig
+from drivekd_jax.models.intern_vit import torch_bicubic_matrix
 from drivekd_jax.models.internvl import InternVL
 from drivekd_jax.models.qwen2 import Decoder
 
@@ -370,9 +371,32 @@ def _decoder_specs(cfg: DecoderConfig, body: str, head: str | None) -> dict[tupl
   return specs
 
 
-def _vision_specs(cfg: VisionConfig, prefix: str, *, original: bool) -> dict[tuple, _Spec]:
+def _resized_positions(stored_grid: int, grid: int, width: int):
+  """Checkpoint position embeddings `[1, 1 + s*s, D]` -> ours `[1 + g*g, D]`, the patch part
+  resized like InternViT's `resize_pos_embeddings` (torch bicubic in fp32, back to the stored
+  dtype); the CLS row is kept."""
+  matrix = torch_bicubic_matrix(stored_grid, grid).astype(np.float32)
+
+  def combine(x):
+    x = x.reshape(1 + stored_grid * stored_grid, width)
+    patches = x[1:].astype(np.float32).reshape(stored_grid, stored_grid, width)
+    resized = np.einsum("oh,hwd,pw->opd", matrix, patches, matrix).astype(x.dtype)
+    return np.concatenate([x[:1], resized.reshape(grid * grid, width)], axis=0)
+
+  return combine
+
+
+def _vision_specs(
+  cfg: VisionConfig, prefix: str, *, original: bool, stored_grid: int
+) -> dict[tuple, _Spec]:
+  """Specs of the vision tower; `stored_grid` is the checkpoint's position grid (resized to
+  `cfg.grid_size` at load time when they differ)."""
   d, p, c = cfg.hidden_size, cfg.patch_size, cfg.num_channels
-  positions = cfg.grid_size * cfg.grid_size + 1
+  stored_positions = stored_grid * stored_grid + 1
+  if stored_grid == cfg.grid_size:
+    positions_from = _copy((stored_positions, d))
+  else:
+    positions_from = _resized_positions(stored_grid, cfg.grid_size, d)
   emb = f"{prefix}embeddings."
   if original:
     names = (
@@ -393,7 +417,7 @@ def _vision_specs(cfg: VisionConfig, prefix: str, *, original: bool) -> dict[tup
     ("embeddings", "patch_kernel"): _Spec((emb + names[1],), ((d, c, p, p),), _conv_t),
     ("embeddings", "patch_bias"): _Spec((emb + names[2],), ((d,),), _copy((d,))),
     ("embeddings", "position_embedding"): _Spec(
-      (emb + names[3],), ((1, positions, d),), _copy((positions, d))
+      (emb + names[3],), ((1, stored_positions, d),), positions_from
     ),
   }
   norm_leaves = (("weight", "scale"), ("bias", "bias"))
@@ -609,7 +633,15 @@ def _placement(sharding, state) -> Callable[[tuple, nnx.Variable, np.ndarray], j
 
 
 def _internvl_from_dir(
-  directory: str, cfg: dict, *, original: bool, dtype, param_dtype, sharding, image_token_id
+  directory: str,
+  cfg: dict,
+  *,
+  original: bool,
+  dtype,
+  param_dtype,
+  sharding,
+  image_token_id,
+  image_size,
 ) -> InternVL:
   where = os.path.join(directory, "config.json")
   ckpt = _Checkpoint(directory)
@@ -620,7 +652,11 @@ def _internvl_from_dir(
     if ps_version != "v2":
       raise CheckpointError(f"{where}: ps_version {ps_version!r} is not supported (expected v2)")
     select_layer = int(cfg.get("select_layer", -1))
-    token_id = image_token_id or _image_token_id_from_tokenizer_files(directory)
+    token_id = image_token_id
+    if token_id is None:
+      token_id = _image_token_id_from_tokenizer_files(directory)
+    # InternVLChatModel resizes the ViT's position embeddings to `force_image_size`.
+    image_size = image_size or cfg.get("force_image_size")
     vision_prefix, projector_prefix = "vision_model.", "mlp1."
     projector_names = ("0", "1", "3")
     body = "language_model.model."
@@ -643,7 +679,7 @@ def _internvl_from_dir(
         f"not supported (expected gelu)"
       )
     select_layer = layer
-    token_id = image_token_id or cfg.get("image_token_id")
+    token_id = image_token_id if image_token_id is not None else cfg.get("image_token_id")
     vision_prefix = _prefix_in_use(ckpt, ["vision_tower.", "model.vision_tower."])
     projector_prefix = _prefix_in_use(
       ckpt, ["multi_modal_projector.", "model.multi_modal_projector."]
@@ -656,6 +692,16 @@ def _internvl_from_dir(
   text = dataclasses.replace(text, tie_word_embeddings=head is None)
   vision = vision_config_from_hf(vision_dict, f"{where} (vision_config)", original=original)
   ratio = float(cfg.get("downsample_ratio", 0.5))
+  stored_grid = vision.grid_size
+  if image_size and int(image_size) != vision.image_size:
+    image_size = int(image_size)
+    grid = image_size // vision.patch_size
+    if image_size % vision.patch_size or abs(grid * ratio - round(grid * ratio)) > 1e-6:
+      raise CheckpointError(
+        f"{where}: image_size {image_size} must be a multiple of the patch size "
+        f"{vision.patch_size} with a patch grid divisible by 1/downsample_ratio"
+      )
+    vision = dataclasses.replace(vision, image_size=image_size)
   config = InternVLConfig(
     vision=vision,
     text=text,
@@ -667,7 +713,8 @@ def _internvl_from_dir(
   )
   factor = round(1 / ratio)
   specs = {}
-  specs.update(_nest(("vision_model",), _vision_specs(vision, vision_prefix, original=original)))
+  vision_specs = _vision_specs(vision, vision_prefix, original=original, stored_grid=stored_grid)
+  specs.update(_nest(("vision_model",), vision_specs))
   specs.update(
     _nest(
       ("mlp1",),
@@ -699,6 +746,7 @@ def from_pretrained(
   *,
   param_dtype: str | jnp.dtype | None = None,
   image_token_id: int | None = None,
+  image_size: int | None = None,
 ) -> InternVL | Decoder:
   """Builds a model from a local HuggingFace checkpoint directory.
 
@@ -710,6 +758,10 @@ def from_pretrained(
     image_token_id: override of the image-context id (InternVL). The `-hf` layout carries it in
       its config; for the original layout it is read from `added_tokens.json` /
       `tokenizer_config.json` when present, else 151667.
+    image_size: InternVL tile size to build the model for. When it differs from the checkpoint's
+      (or, original layout, from `force_image_size` in its config), the ViT position embeddings
+      are resized bicubically at load time, as InternViT's `resize_pos_embeddings` does. (Inputs
+      of another size still work without this: the model resizes them per call.)
 
   Returns:
     An `InternVL` (InternVL layouts) or a `Decoder` (Qwen2 / LLaMA causal LMs); either is called
@@ -725,11 +777,21 @@ def from_pretrained(
   common = dict(dtype=dtype, param_dtype=param_dtype, sharding=sharding)
   if arch in ("InternVLForConditionalGeneration", "internvl"):
     return _internvl_from_dir(
-      directory, cfg, original=False, image_token_id=image_token_id, **common
+      directory,
+      cfg,
+      original=False,
+      image_token_id=image_token_id,
+      image_size=image_size,
+      **common,
     )
   if arch in ("InternVLChatModel", "internvl_chat"):
     return _internvl_from_dir(
-      directory, cfg, original=True, image_token_id=image_token_id, **common
+      directory,
+      cfg,
+      original=True,
+      image_token_id=image_token_id,
+      image_size=image_size,
+      **common,
     )
   if arch in _TEXT_ARCHS:
     return _decoder_from_dir(directory, cfg, **common)
