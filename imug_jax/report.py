@@ -466,3 +466,46 @@ def _markdown(payload: dict, failures: Mapping[str, list], figures: Mapping[str,
           f"{item['turn']} ({item['method']}): {str(item['error'])[:160]}"
         )
   return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  """`python -m imug_jax.report --out_dir OUTPUTS --benchmark DATA [--judge ...]`: score existing
+  rollouts (ours or the official client's) and write the report."""
+  import argparse
+
+  parser = argparse.ArgumentParser(description=main.__doc__)
+  parser.add_argument("--out_dir", required=True, help="outputs root holding <run>/ folders")
+  parser.add_argument("--benchmark", required=True, help="release data folder (or its parent)")
+  parser.add_argument("--report_dir", default=None)
+  parser.add_argument("--runs", default="", help="comma-separated run folders (default: all)")
+  parser.add_argument("--judge", default="random", choices=("random", "openai"))
+  parser.add_argument("--seed", type=int, default=2026, help="random judge seed")
+  parser.add_argument("--base_url", default="")
+  parser.add_argument("--judge_model", default="")
+  parser.add_argument("--api_key_env", default="IMUG_JUDGE_API_KEY")
+  parser.add_argument("--official_prompts_dir", default="")
+  parser.add_argument("--mcq_parser", default="official", choices=("official", "corrected"))
+  parser.add_argument("--missing_output", default="zero", choices=("zero", "judge"))
+  parser.add_argument("--workers", type=int, default=4)
+  args = parser.parse_args(argv)
+  if args.judge == "openai":
+    judge = make_judge(
+      "openai", base_url=args.base_url, model=args.judge_model, api_key_env=args.api_key_env
+    )
+  else:
+    judge = make_judge("random", seed=args.seed)
+  score_and_report(
+    args.out_dir,
+    args.benchmark,
+    judge,
+    report_dir=args.report_dir,
+    runs=[r for r in args.runs.split(",") if r] or None,
+    prompts=PromptSet.from_option(args.official_prompts_dir or None),
+    options=ScoringOptions(
+      mcq_parser=args.mcq_parser, missing_output=args.missing_output, workers=args.workers
+    ),
+  )
+
+
+if __name__ == "__main__":
+  main()
