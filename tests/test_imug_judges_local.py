@@ -107,3 +107,4 @@ def test_real_tiny_model_judge_call(tmp_path):
   outcome = image_points.ask_for_points(judge, "rubric", [image(1), POINTS_TEXT], retries=0)
   assert all(0 <= p.score <= 5 for p in outcome.points)
   assert (outcome.error is None) == bool(outcome.points)
+  assert outcome.reply == reply  # the same request, the same key: the same judgement

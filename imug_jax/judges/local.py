@@ -12,11 +12,13 @@ Two modes:
     if no point has one, the raw replies are returned, which the scorers treat as unparseable
     (retried, then recorded as a failure, never as a score).
 
-Every model call is real. Keys are `fold_in(key(seed), call index)`, so a run is reproducible.
+Every model call is real. Each call's key is `fold_in(key(seed), hash of the request)`: the same
+request gets the same judgement in any run and in any order (reruns and paired runs agree).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Sequence
@@ -58,7 +60,7 @@ class LocalModelJudge:
       protocol.message("system", [protocol.text_item(system)]),
       protocol.message("user", content),
     ]
-    key = jax.random.fold_in(self._key, self.calls)
+    key = jax.random.fold_in(self._key, _digest(system, images, text))
     self.calls += 1
     try:
       reply = self.model.respond(history, "text_only", temperature, key)
@@ -96,3 +98,11 @@ class LocalModelJudge:
     if not results:
       return "\n".join(replies)
     return json.dumps({"evaluation_results": results})
+
+
+def _digest(system: str, images: Sequence[ImagePart], text: str) -> int:
+  hasher = hashlib.sha256(system.encode("utf-8"))
+  for image in images:
+    hasher.update(b"\x01" + image.data)
+  hasher.update(b"\x00" + text.encode("utf-8"))
+  return int.from_bytes(hasher.digest()[:4], "big") & 0x7FFFFFFF
