@@ -240,6 +240,46 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path):
     np.testing.assert_array_equal(final[f"p{i}"], leaf)
 
 
+class _ProcessRows:
+  """This process's rows of every global batch (the two-process test)."""
+
+  def __init__(self, inner, process_index: int | None, process_count: int = 2):
+    self.inner, self.index, self.count = inner, process_index, process_count
+
+  def __next__(self):
+    batch = next(self.inner)
+    if self.index is None:
+      return batch
+    rows = BATCH // self.count
+    return {k: v[self.index * rows : (self.index + 1) * rows] for k, v in batch.items()}
+
+  def get_state(self):
+    return self.inner.get_state()
+
+  def set_state(self, state):
+    self.inner.set_state(state)
+
+
+def run_two_process_half(workdir: str, process_index: int | None, num_steps: int = 3):
+  """Trains over all devices; with a process index, this process feeds half of each batch."""
+  mesh = sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  rules, state, shardings, step = make_experiment(mesh)
+  settings = trainer.LoopSettings(
+    num_steps=num_steps, log_every=1, checkpoint_every=2, progress_bar=False
+  )
+  return trainer.train_loop(
+    settings=settings,
+    workdir=workdir,
+    mesh=mesh,
+    rules=rules,
+    state=state,
+    state_shardings=shardings,
+    step_fn=step,
+    data=_ProcessRows(make_data(), process_index),
+    rng=jax.random.key(0),
+  )
+
+
 def _main(workdir: str, num_steps: int, step_delay: float = 0.0):
   mesh = sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   rules, state, shardings, step = make_experiment(mesh)

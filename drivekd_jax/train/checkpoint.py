@@ -120,6 +120,7 @@ class Checkpointer:
     async_save: bool = True,
   ):
     self.directory = os.path.abspath(directory)
+    self._interval = max(1, int(save_interval_steps))
     options = ocp.CheckpointManagerOptions(
       save_interval_steps=max(1, int(save_interval_steps)),
       max_to_keep=max_to_keep,
@@ -149,7 +150,7 @@ class Checkpointer:
     """Starts saving `step` if due (or forced); returns whether a save was started."""
     if self._manager.latest_step() is not None and step <= self._manager.latest_step():
       return False
-    if not force and not self._manager.should_save(step):
+    if not force and step % self._interval:
       return False
     meta = {"step": int(step), **(metadata or {})}
     rng_data = jax.random.key_data(rng) if _is_key(rng) else rng
@@ -253,3 +254,28 @@ class PreemptionGuard:
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
     self._previous.clear()
+
+
+def restore_partial(directory: str, step: int, target: Any, item: str = "state") -> Any:
+  """Restores only the subtrees present in `target` from one item of a step.
+
+  Args:
+    directory: the checkpoint folder (as given to `Checkpointer`).
+    step: the step to read.
+    target: a nested dict of abstract arrays (ShapeDtypeStructs with shardings) mirroring part of
+      the saved tree, e.g. `{"params": {"student": abstract_nnx_state}}`.
+    item: the item name ("state").
+
+  Returns:
+    `target` with arrays in place of the abstract leaves.
+  """
+  path = os.path.join(os.path.abspath(directory), str(step), item)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"no checkpoint item {item!r} for step {step} at {path}")
+  target = _abstract(target)
+  restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    return checkpointer.restore(
+      path,
+      args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
+    )

@@ -114,7 +114,6 @@ class MetricsWriter:
   Args:
     logdir: folder for event files (e.g. `<workdir>/tensorboard`).
     total_steps: the run's last step; start_step: where this launch began (resume).
-    flops_per_step: estimated FLOPs of one optimizer step for all devices, or None.
     peak_flops_per_device: device peak for MFU; None disables MFU.
     show_progress: draw the console bar.
   """
@@ -125,7 +124,6 @@ class MetricsWriter:
     *,
     total_steps: int,
     start_step: int = 0,
-    flops_per_step: float | None = None,
     peak_flops_per_device: float | None = None,
     show_progress: bool = True,
   ):
@@ -135,7 +133,6 @@ class MetricsWriter:
       from tensorboardX import SummaryWriter
 
       self._writer = SummaryWriter(logdir=logdir, flush_secs=10)
-    self._flops_per_step = flops_per_step
     self._peak = (peak_flops_per_device * jax.device_count()) if peak_flops_per_device else None
     self._last_time: float | None = None
     self._last_step = start_step
@@ -153,9 +150,19 @@ class MetricsWriter:
     self._last_step = step
 
   def timing(
-    self, step: int, *, tokens: float | None = None, examples: float | None = None
+    self,
+    step: int,
+    *,
+    tokens: float | None = None,
+    examples: float | None = None,
+    flops: float | None = None,
   ) -> dict[str, float]:
-    """Throughput and MFU over the steps since the last call; tokens/examples are per step."""
+    """Throughput and MFU over the steps since the last call.
+
+    Args:
+      step: the current step.
+      tokens, examples, flops: per-step averages over the window (all processes together).
+    """
     now = time.perf_counter()
     out: dict[str, float] = {}
     if self._last_time is not None and step > self._last_step:
@@ -165,8 +172,8 @@ class MetricsWriter:
         out["perf/tokens_per_second"] = tokens / seconds
       if examples is not None:
         out["perf/examples_per_second"] = examples / seconds
-      if self._flops_per_step:
-        achieved = self._flops_per_step / seconds
+      if flops:
+        achieved = flops / seconds
         out["perf/tflops_per_second"] = achieved / 1e12
         if self._peak:
           out["perf/mfu"] = achieved / self._peak

@@ -226,9 +226,20 @@ def shard_module_state(module: nnx.Module, mesh: jax.sharding.Mesh, rules: Rules
   return nnx.merge(graphdef, jax.device_put(state, shardings))
 
 
-def pretrained_sharding(mesh: jax.sharding.Mesh, rules: Rules) -> Callable[[Any], Any]:
-  """A callback for loaders: maps an abstract NNX state to its NamedShardings by the rules."""
-  return lambda abstract_state: state_shardings(abstract_state, mesh, rules)
+def pretrained_sharding(
+  mesh: jax.sharding.Mesh, rules: Rules
+) -> Callable[[str, Any, tuple[int, ...]], NamedSharding]:
+  """The `sharding=` callback of `models.from_pretrained`: (path, logical axes, shape) -> sharding.
+
+  Loaded checkpoints land on the mesh by the same rules as parameters born in `create_sharded`.
+  """
+
+  def placement(path: str, logical_axes: Any, shape: tuple[int, ...]) -> NamedSharding:
+    del path
+    names = tuple(logical_axes) if logical_axes is not None else None
+    return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules))
+
+  return placement
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:

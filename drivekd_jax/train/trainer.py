@@ -12,7 +12,9 @@ final checkpoint -> evaluation summary.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -120,7 +122,8 @@ def guard_nonfinite(
 
   The returned function is `(state, batch, rng, counters, *extra) -> (state, metrics, counters)`
   with counters `{"nonfinite_total", "nonfinite_in_row"}` int32 scalars, and adds
-  `metrics["nonfinite"]` (1.0 on a skipped step).
+  `metrics["nonfinite"]` (1.0 on a skipped step). Steps that skip bad micro-batches themselves
+  (the Drive-KD step reports `skipped` and `consecutive_skips`) are counted the same way.
   """
 
   def guarded(state, batch, rng, counters, *extra):
@@ -130,11 +133,15 @@ def guard_nonfinite(
       finite = finite & jnp.all(jnp.isfinite(metrics[loss_key]))
     state = jax.lax.cond(finite, lambda: new_state, lambda: state)
     skipped = jnp.logical_not(finite).astype(jnp.int32)
+    inner_skipped = jnp.asarray(metrics.get("skipped", 0), jnp.float32).astype(jnp.int32)
+    in_row = jnp.where(finite, 0, counters["nonfinite_in_row"] + 1)
+    if "consecutive_skips" in metrics:
+      in_row = jnp.maximum(in_row, jnp.asarray(metrics["consecutive_skips"]).astype(jnp.int32))
     counters = {
-      "nonfinite_total": counters["nonfinite_total"] + skipped,
-      "nonfinite_in_row": jnp.where(finite, 0, counters["nonfinite_in_row"] + 1),
+      "nonfinite_total": counters["nonfinite_total"] + skipped + inner_skipped,
+      "nonfinite_in_row": in_row,
     }
-    metrics = {**metrics, "nonfinite": skipped.astype(jnp.float32)}
+    metrics = {**metrics, "nonfinite": (skipped + inner_skipped).astype(jnp.float32)}
     return state, metrics, counters
 
   return guarded
@@ -209,7 +216,8 @@ def train_loop(
   rng: jax.Array,
   extra: tuple[Any, ...] = (),
   extra_shardings: tuple[Any, ...] = (),
-  flops_per_step: float | None = None,
+  flops_fn: Callable[[Mapping[str, np.ndarray]], float] | None = None,
+  to_global: Callable[[Mapping[str, np.ndarray], Mapping[str, Any]], Any] | None = None,
   metadata: Mapping[str, Any] | None = None,
   guard: ckpt_lib.PreemptionGuard | None = None,
 ) -> LoopResult:
@@ -227,7 +235,9 @@ def train_loop(
       `get_state()` / `set_state(s)` (grain iterators have both).
     rng: the run's base key; step s uses `fold_in(rng, s)`.
     extra: frozen inputs of the step (teachers), never donated nor saved.
-    flops_per_step: model FLOPs of one step, for MFU.
+    flops_fn: model FLOPs of one (global) step given this process's host batch, for MFU.
+    to_global: `(host_batch, shardings) -> global arrays`; default
+      `sharding.host_to_global_batch`.
     metadata: JSON-able facts stored in every checkpoint.
     guard: a PreemptionGuard (one is installed when None).
 
@@ -275,7 +285,6 @@ def train_loop(
     os.path.join(workdir, "tensorboard"),
     total_steps=settings.num_steps,
     start_step=step,
-    flops_per_step=flops_per_step,
     peak_flops_per_device=peak,
     show_progress=settings.progress_bar,
   )
@@ -287,6 +296,7 @@ def train_loop(
   window: list[Mapping[str, jax.Array]] = []
   tokens_in_window = 0.0
   examples_in_window = 0.0
+  flops_in_window = 0.0
   previous_counters = None
   preempted = False
 
@@ -304,7 +314,6 @@ def train_loop(
         preempted = True
         break
       host_batch = next(data)
-      batch = sharding_lib.host_to_global_batch(host_batch, mesh, rules)
       if compiled is None:
         batch_shardings = _step_shardings(mesh, rules, host_batch)
         compiled = jax.jit(
@@ -323,6 +332,10 @@ def train_loop(
           ),
           donate_argnums=(0,),
         )
+      if to_global is None:
+        batch = sharding_lib.host_to_global_batch(host_batch, mesh, rules)
+      else:
+        batch = to_global(host_batch, batch_shardings)
       step_rng = jax.random.fold_in(rng, step)
       state, step_metrics, counters = compiled(state, batch, step_rng, counters, *extra)
       step += 1
@@ -331,6 +344,8 @@ def train_loop(
         tokens_in_window += float(np.sum(host_batch["attention_mask"])) * jax.process_count()
       if "example_mask" in host_batch:
         examples_in_window += float(np.sum(host_batch["example_mask"])) * jax.process_count()
+      if flops_fn is not None:
+        flops_in_window += flops_fn(host_batch)
 
       # The previous step's counters are ready by now; reading them keeps dispatch one ahead.
       if previous_counters is not None:
@@ -352,6 +367,7 @@ def train_loop(
           step,
           tokens=tokens_in_window / n if tokens_in_window else None,
           examples=examples_in_window / n if examples_in_window else None,
+          flops=flops_in_window / n if flops_in_window else None,
         )
         if step == 1:
           timing = {}  # includes compilation
@@ -359,7 +375,7 @@ def train_loop(
         writer.log(step, {**means, **timing})
         short = {k: means[k] for k in ("loss", "nonfinite_total") if k in means}
         writer.update_progress(step, short)
-        window, tokens_in_window, examples_in_window = [], 0.0, 0.0
+        window, tokens_in_window, examples_in_window, flops_in_window = [], 0.0, 0.0, 0.0
       else:
         writer.update_progress(step)
       save(step, force=False)
@@ -390,6 +406,594 @@ def train_loop(
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class DataBundle:
+  """The run's data: tokenizer, processor, sources and the pipeline settings."""
+
+  tokenizer: Any
+  processor: Any  # set once the student's config is known
+  train_source: Any
+  test_source: Any
+  train_name: str
+  test_name: str
+  pipeline_config: Any
+
+
+class _Subset:
+  """Random-access view of some indices of a source (capability-filtered splits)."""
+
+  def __init__(self, source, indices: list[int]):
+    self._source = source
+    self._indices = indices
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, i: int):
+    return self._source[self._indices[i]]
+
+
+def _text(value: Any) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _on_process_zero_then_barrier(name: str, fn: Callable[[], Any]) -> None:
+  if jax.process_index() == 0:
+    fn()
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+def _data_dir(config: Any, workdir: str) -> str:
+  return os.path.abspath(config.data.get("tfds_dir", "") or os.path.join(workdir, "data", "tfds"))
+
+
+def synthetic_root(config: Any, workdir: str) -> str:
+  syn = config.data.synthetic
+  return os.path.abspath(syn.get("dir", "") or os.path.join(workdir, "data", "synthetic"))
+
+
+def prepare_synthetic(config: Any, workdir: str) -> str:
+  """Writes the synthetic driving files into the workdir once (a marker records completion)."""
+  from drivekd_jax.data import synthetic
+
+  syn = config.data.synthetic
+  root = synthetic_root(config, workdir)
+  marker = os.path.join(root, "COMPLETE.json")
+  settings = {
+    "num_train_frames": int(syn.num_train_frames),
+    "num_test_frames": int(syn.num_test_frames),
+    "seed": int(syn.seed),
+    "image_size": int(syn.image_size),
+  }
+
+  def write():
+    if os.path.exists(marker):
+      with open(marker) as f:
+        if json.load(f) == settings:
+          return
+      raise ValueError(
+        f"{root} holds synthetic data written with other settings ({marker}); "
+        "use a new workdir or config.data.synthetic.dir"
+      )
+    logging.info("writing synthetic driving data to %s (%s)", root, settings)
+    synthetic.write_synthetic_driving(root, **settings)
+    with open(marker, "w") as f:
+      json.dump(settings, f)
+
+  _on_process_zero_then_barrier("drivekd_synthetic_data", write)
+  return root
+
+
+def _open_split(entry: Any, default_dir: str, tfds_dir: str, capabilities: tuple[str, ...]):
+  """Builds (once) and opens one split; returns (source, name)."""
+  from drivekd_jax.data import records as records_lib
+
+  kind = entry.kind
+  manual_dir = os.path.abspath(entry.get("dir", "") or default_dir)
+  builder_config = entry.get("config", "") or None
+  kwargs = dict(entry.get("builder_kwargs", {}) or {})
+  holder = {}
+
+  def build():
+    holder["builder"] = records_lib.build_dataset(
+      kind, manual_dir, tfds_dir, config=builder_config, **kwargs
+    )
+
+  _on_process_zero_then_barrier(f"drivekd_build_{kind}", build)
+  builder = holder.get("builder") or records_lib.build_dataset(
+    kind, manual_dir, tfds_dir, config=builder_config, **kwargs
+  )
+  split = entry.get("split", "train")
+  source = builder.as_data_source(split)
+  name = f"{kind}{'/' + builder_config if builder_config else ''}:{split} ({manual_dir})"
+  if capabilities and tuple(capabilities) != ("perception", "reasoning", "planning", "other"):
+    cache = os.path.join(
+      tfds_dir, f"indices_{kind}_{builder_config}_{split}_{'-'.join(capabilities)}.json"
+    )
+    if os.path.exists(cache):
+      with open(cache) as f:
+        indices = json.load(f)
+    else:
+      indices = [i for i in range(len(source)) if _text(source[i]["capability"]) in capabilities]
+      if jax.process_index() == 0:
+        with open(cache, "w") as f:
+          json.dump(indices, f)
+    if not indices:
+      raise ValueError(f"{name}: no records of capabilities {capabilities}")
+    source = _Subset(source, indices)
+    name += f" [{','.join(capabilities)}]"
+  return source, name
+
+
+def load_tokenizer(config: Any, workdir: str, synthetic_dir: str | None):
+  """The configured tokenizer.json, or a BPE trained on the synthetic training text."""
+  from drivekd_jax.data.tokenizer import Tokenizer, train_bpe_tokenizer
+
+  path = config.data.get("tokenizer", "")
+  if path:
+    return Tokenizer.from_path(path)
+  if synthetic_dir is None:
+    raise ValueError("config.data.tokenizer is required unless config.data.source='synthetic'")
+  out = os.path.join(workdir, "data", "tokenizer")
+
+  def train():
+    if os.path.exists(os.path.join(out, "tokenizer.json")):
+      return
+    texts = []
+    with open(os.path.join(synthetic_dir, "drivekd_train.json")) as f:
+      for item in json.load(f):
+        texts.extend(m["content"] for m in item["messages"])
+    train_bpe_tokenizer(texts, int(config.data.vocab_size), out)
+
+  _on_process_zero_then_barrier("drivekd_tokenizer", train)
+  return Tokenizer.from_path(out)
+
+
+def prepare_data(config: Any, workdir: str) -> DataBundle:
+  """Synthetic files (if asked) -> TFDS builders -> sources, tokenizer and processor."""
+  from drivekd_jax.data import pipeline as pipeline_lib
+
+  data = config.data
+  synthetic_dir = prepare_synthetic(config, workdir) if data.source == "synthetic" else None
+  if data.source not in ("synthetic", "files"):
+    raise ValueError(f"config.data.source={data.source!r}: expected 'synthetic' or 'files'")
+  tfds_dir = _data_dir(config, workdir)
+  capabilities = tuple(data.get("capabilities", ()) or ())
+  default_dir = synthetic_dir or ""
+  train_source, train_name = _open_split(data.train, default_dir, tfds_dir, capabilities)
+  test_source, test_name = _open_split(data.test, default_dir, tfds_dir, capabilities)
+  tokenizer = load_tokenizer(config, workdir, synthetic_dir)
+  pipeline_config = pipeline_lib.PipelineConfig(
+    batch_size=int(data.batch_size),
+    buckets=tuple(int(b) for b in data.buckets),
+    max_images=int(data.max_images),
+    seed=int(data.get("shuffle_seed", config.seed)),
+    overlong=data.get("overlong", "error"),
+    num_threads=int(data.get("num_threads", 0)),
+  )
+  return DataBundle(
+    tokenizer, None, train_source, test_source, train_name, test_name, pipeline_config
+  )
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+
+def model_config(entry: Any, tokenizer: Any = None):
+  """The InternVLConfig of a preset model entry (`preset`, `dtype`, `text_overrides`).
+
+  With a tokenizer, the image-context id is the tokenizer's and the vocabulary covers it.
+  """
+  from drivekd_jax.models import presets
+
+  overrides = dict(entry.get("text_overrides", {}) or {})
+  image_token_id = None
+  if tokenizer is not None:
+    image_token_id = tokenizer.img_context_id
+    overrides.setdefault(
+      "vocab_size", max(tokenizer.vocab_size, presets.internvl3(entry.preset).text.vocab_size)
+    )
+  return presets.internvl3(
+    entry.preset,
+    dtype=entry.get("dtype", "float32"),
+    param_dtype=entry.get("param_dtype", "") or None,
+    image_token_id=image_token_id,
+    **overrides,
+  )
+
+
+def build_model(entry: Any, tokenizer: Any, mesh, rules, seed: int):
+  """A sharded InternVL: loaded from `entry.checkpoint`, or born sharded from a preset."""
+  from flax import nnx
+
+  from drivekd_jax.models.internvl import InternVL
+
+  if entry.get("checkpoint", ""):
+    from drivekd_jax.models import from_pretrained
+
+    model = from_pretrained(
+      entry.checkpoint,
+      dtype=entry.get("dtype", "bfloat16"),
+      sharding=sharding_lib.pretrained_sharding(mesh, rules),
+      param_dtype=entry.get("param_dtype", "") or None,
+      image_token_id=tokenizer.img_context_id,
+    )
+    return model, model.config
+  cfg = model_config(entry, tokenizer)
+  model, _ = sharding_lib.create_sharded(lambda: InternVL(cfg, rngs=nnx.Rngs(seed)), mesh, rules)
+  return model, cfg
+
+
+def _shardings_of(tree: Any) -> Any:
+  return jax.tree.map(lambda x: x.sharding, tree)
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything `run` assembles before the loop."""
+
+  mesh: Any
+  rules: Any
+  data: DataBundle
+  student_config: Any
+  teacher_configs: tuple
+  student_graphdef: Any
+  teacher_states: tuple
+  teacher_shardings: tuple
+  distill: Any
+  tx: Any
+  schedule: Any
+  state: Any
+  state_shardings: Any
+  step_fn: Any
+
+
+def teacher_names(config: Any) -> tuple[str, ...]:
+  names = config.get("teacher_names", "")
+  names = (
+    tuple(n.strip() for n in names.split(",") if n.strip())
+    if isinstance(names, str)
+    else tuple(names)
+  )
+  for name in names:
+    if name not in config.teachers:
+      raise ValueError(
+        f"config.teacher_names lists {name!r} but config.teachers has no entry "
+        f"for it (entries: {sorted(config.teachers.keys())})"
+      )
+  return names
+
+
+def build_experiment(config: Any, workdir: str) -> Experiment:
+  """Mesh, data, student, teachers, optimizer, state and the step of a Drive-KD run."""
+  from flax import nnx
+
+  from drivekd_jax.data.processor import Processor
+  from drivekd_jax.data.tokenizer import check_same_tokenizer
+  from drivekd_jax.distill import agp as agp_lib
+  from drivekd_jax.distill.signals import DistillConfig
+  from drivekd_jax.train import state as state_lib
+  from drivekd_jax.train import step as step_lib
+
+  mesh = sharding_lib.make_mesh(config.get("mesh", None))
+  rules = sharding_lib.rules_from_config(config.get("sharding_rules", None))
+  logging.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
+  data = prepare_data(config, workdir)
+  for name in teacher_names(config):
+    path = config.teachers[name].get("tokenizer", "")
+    if path:
+      from drivekd_jax.data.tokenizer import Tokenizer
+
+      check_same_tokenizer(data.tokenizer, Tokenizer.from_path(path))
+
+  # Built outside `jax.set_mesh`: with a mesh in context NNX would read logical names as mesh
+  # axes; the rules table maps them instead.
+  student, student_cfg = build_model(config.student, data.tokenizer, mesh, rules, config.seed)
+  data.processor = Processor.for_model(
+    data.tokenizer,
+    student_cfg,
+    max_tiles=int(config.data.get("max_tiles", 1)),
+    system_message=config.data.get("system_message", "") or None,
+  )
+  teachers = []
+  for i, name in enumerate(teacher_names(config)):
+    teachers.append(
+      build_model(config.teachers[name], data.tokenizer, mesh, rules, config.seed + 1 + i)
+    )
+  teacher_cfgs = tuple(cfg for _, cfg in teachers)
+  teacher_graphdefs, teacher_states = [], []
+  for model, _ in teachers:
+    graphdef, teacher_state = nnx.split(model)
+    teacher_graphdefs.append(graphdef)
+    teacher_states.append(teacher_state)
+  teacher_states = tuple(teacher_states)
+
+  distill = DistillConfig.from_config(config.distill)
+  examples_per_step = data.pipeline_config.batch_size * jax.process_count()
+  if examples_per_step % distill.microbatch_size:
+    raise ValueError(
+      f"global batch {examples_per_step} is not a multiple of "
+      f"config.distill.microbatch_size={distill.microbatch_size}"
+    )
+  micro_steps = int(config.num_steps) * examples_per_step // distill.microbatch_size
+  opt_config = config.optimizer
+  combiner = agp_lib.asymmetric_gradient_projection(
+    mode=distill.agp_mode, seed=distill.agp_seed, num_capabilities=len(distill.active)
+  )
+  opt = dict(opt_config.items() if hasattr(opt_config, "items") else opt_config)
+  opt["accumulation_steps"] = distill.grad_accum_steps
+  from ml_collections import ConfigDict
+
+  tx, schedule = build_optimizer(ConfigDict(opt), micro_steps, gradient_combiner=combiner)
+
+  rng = jax.random.key(int(config.seed))
+  graphdef, params, frozen = state_lib.split_student(student, distill.trainable)
+  param_shardings = {"student": _shardings_of(params), "aux": None}
+
+  def init_state(params, frozen):
+    model = nnx.merge(graphdef, params, frozen)
+    return step_lib.init_train_state(distill, model, tx, rng, teacher_cfgs)[1]
+
+  abstract = jax.eval_shape(init_state, params, frozen)
+  repl = sharding_lib.replicated(mesh)
+  aux_shardings = jax.tree.map(lambda _: repl, abstract.params["aux"])
+  param_shardings["aux"] = aux_shardings
+  state_shardings = state_lib.TrainState(
+    step=repl,
+    params=param_shardings,
+    frozen=_shardings_of(frozen),
+    opt_state=sharding_lib.optimizer_state_shardings(tx, abstract.opt_state, param_shardings, mesh),
+    rng=repl,
+    reweight=jax.tree.map(lambda _: repl, abstract.reweight),
+    skipped=repl,
+    consecutive_skips=repl,
+  )
+  state = jax.jit(init_state, out_shardings=state_shardings)(params, frozen)
+  step_fn = step_lib.make_train_step(
+    distill,
+    student_graphdef=graphdef,
+    student_config=student_cfg,
+    teacher_graphdefs=teacher_graphdefs,
+    teacher_configs=teacher_cfgs,
+    tx=tx,
+  )
+  return Experiment(
+    mesh,
+    rules,
+    data,
+    student_cfg,
+    teacher_cfgs,
+    graphdef,
+    teacher_states,
+    tuple(_shardings_of(t) for t in teacher_states),
+    distill,
+    tx,
+    schedule,
+    state,
+    state_shardings,
+    step_fn,
+  )
+
+
+def _config_json(config: Any) -> str:
+  return (
+    config.to_json_best_effort(indent=2) if hasattr(config, "to_json_best_effort") else str(config)
+  )
+
+
+def evaluate_student(
+  config: Any, workdir: str, exp: Experiment, state: Any, facts: Mapping[str, Any] | None = None
+) -> dict:
+  """Answers and scores the test split with the student held in `state`."""
+  from flax import nnx
+
+  from drivekd_jax.train import evaluate as evaluate_lib
+
+  ev = config.eval
+  model = nnx.merge(exp.student_graphdef, state.params["student"], state.frozen)
+  return evaluate_lib.evaluate(
+    model,
+    exp.data.processor,
+    exp.data.tokenizer,
+    exp.data.test_source,
+    workdir,
+    batch_size=int(ev.batch_size),
+    buckets=tuple(int(b) for b in exp.data.pipeline_config.buckets),
+    max_images=exp.data.pipeline_config.max_images,
+    max_new_tokens=int(ev.max_new_tokens),
+    max_examples=int(ev.get("max_examples", 0)),
+    source_name=exp.data.test_name,
+    facts=facts,
+  )
+
+
 def run(config: Any, workdir: str) -> dict:
-  """Trains (or resumes) the configured Drive-KD student, then evaluates it."""
-  raise NotImplementedError
+  """Trains (or resumes) the configured Drive-KD student, then evaluates it.
+
+  Returns:
+    {"step", "preempted", "resumed_from", "nonfinite_total", "eval" (summary or None)}.
+  """
+  from drivekd_jax.data import pipeline as pipeline_lib
+
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  started = time.time()
+  exp = build_experiment(config, workdir)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(_config_json(config))
+  data = exp.data
+  pipeline = pipeline_lib.TrainingPipeline(
+    data.train_source, data.processor, data.pipeline_config, source_name=data.train_name
+  )
+  pad_id = data.tokenizer.pad_id
+  num_losses = 1 + len(exp.distill.active)
+
+  def flops_fn(host_batch):
+    batch, length = host_batch["input_ids"].shape
+    return metrics_lib.train_step_flops(
+      exp.student_config,
+      exp.teacher_configs,
+      batch_size=batch * jax.process_count(),
+      seq_len=length,
+      images_per_example=host_batch["pixel_values"].shape[1],
+      num_cotangents=num_losses,
+    )
+
+  def to_global(host_batch, shardings):
+    return pipeline_lib.make_global_batch(host_batch, shardings, pad_id=pad_id)
+
+  settings = LoopSettings.from_config(config)
+  logging.info(
+    "training: %d steps of %d examples from %s; %d teachers; capabilities %s",
+    settings.num_steps,
+    data.pipeline_config.batch_size * jax.process_count(),
+    data.train_name,
+    len(exp.teacher_configs),
+    exp.distill.active,
+  )
+  result = train_loop(
+    settings=settings,
+    workdir=workdir,
+    mesh=exp.mesh,
+    rules=exp.rules,
+    state=exp.state,
+    state_shardings=exp.state_shardings,
+    step_fn=exp.step_fn,
+    data=pipeline.iterator(),
+    rng=jax.random.key(int(config.seed) + 7),
+    extra=(exp.teacher_states,),
+    extra_shardings=(exp.teacher_shardings,),
+    flops_fn=flops_fn,
+    to_global=to_global,
+    metadata={"train_source": data.train_name},
+  )
+  out = {
+    "step": result.step,
+    "preempted": result.preempted,
+    "resumed_from": result.resumed_from,
+    "nonfinite_total": result.nonfinite_total,
+    "eval": None,
+  }
+  if result.preempted or not config.eval.get("after_training", True):
+    return out
+  out["eval"] = evaluate_student(
+    config,
+    workdir,
+    exp,
+    result.state,
+    facts={
+      "checkpoint_step": result.step,
+      "train_source": data.train_name,
+      "student": config.student.get("checkpoint", "") or config.student.preset,
+      "nonfinite_total": result.nonfinite_total,
+      "wall_seconds_before_eval": round(time.time() - started, 1),
+    },
+  )
+  return out
+
+
+def default_config():
+  """Every key `run` reads, with the official Drive-KD defaults (§3.5) where they exist.
+
+  Config files start from this and change what their experiment needs.
+  """
+  import ml_collections
+
+  c = ml_collections.ConfigDict()
+  c.task = "drivekd.train"
+  c.seed = 42
+  c.num_steps = 1000
+  c.log_every = 10
+  c.progress_bar = True
+  c.max_consecutive_nonfinite = 10
+  c.peak_flops_per_device = 0.0  # 0: detect from the device kind (none on CPU: no MFU).
+
+  # Multi-process start-up (see drivekd_jax/train/distributed.py).
+  c.jax_distributed = False
+  c.coordinator_address = ""
+  c.num_processes = ml_collections.FieldReference(None, field_type=int)
+  c.process_id = ml_collections.FieldReference(None, field_type=int)
+
+  # Mesh (-1: the remaining devices) and logical-axis rules overriding sharding.DEFAULT_RULES,
+  # e.g. [("embed", None)] to stop FSDP on the model width.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.sharding_rules = ()
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "synthetic"  # "synthetic" (written into the workdir) or "files".
+  c.data.synthetic = ml_collections.ConfigDict(
+    dict(dir="", num_train_frames=200, num_test_frames=20, seed=0, image_size=64)
+  )
+  # Each split: a TFDS builder kind over a folder of released files (its manual dir).
+  c.data.train = ml_collections.ConfigDict(
+    dict(kind="drivekd_qa", dir="", config="", split="train", builder_kwargs={})
+  )
+  c.data.test = ml_collections.ConfigDict(
+    dict(kind="drivekd_qa", dir="", config="", split="test", builder_kwargs={})
+  )
+  c.data.tfds_dir = ""  # "": <workdir>/data/tfds.
+  c.data.capabilities = ()  # e.g. ("planning",): train and test on that capability only.
+  c.data.tokenizer = ""  # tokenizer.json (or its folder); "": BPE trained on synthetic text.
+  c.data.vocab_size = 512  # BPE size when training one.
+  c.data.batch_size = 4  # examples per process per step.
+  c.data.buckets = (256, 512, 1024)
+  c.data.max_images = 6
+  c.data.max_tiles = 1
+  c.data.system_message = ""
+  c.data.shuffle_seed = 42
+  c.data.overlong = "error"
+  c.data.num_threads = 0
+
+  # Models: a preset (drivekd_jax.models.presets) or a local HF checkpoint folder.
+  c.student = ml_collections.ConfigDict(
+    dict(preset="1B", checkpoint="", dtype="float32", param_dtype="", text_overrides={})
+  )
+  c.teacher_names = "shared"
+  c.teachers = ml_collections.ConfigDict()
+  c.teachers.shared = ml_collections.ConfigDict(
+    dict(
+      preset="8B", checkpoint="", dtype="bfloat16", param_dtype="", text_overrides={}, tokenizer=""
+    )
+  )
+
+  # The distillation step (drivekd_jax.distill.signals.DistillConfig fields).
+  c.distill = ml_collections.ConfigDict(
+    dict(
+      capabilities=("perception", "reasoning", "planning"),
+      teacher_for=(0, 0, 0),
+      agp_mode="agp",
+      agp_seed=42,
+      microbatch_size=1,
+      grad_accum_steps=4,
+      dynamic_weights=True,
+      trainable="all",
+    )
+  )
+
+  c.optimizer = ml_collections.ConfigDict(
+    dict(
+      learning_rate=5e-5,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      weight_decay=0.0,
+      schedule="cosine",
+      warmup_steps=0,
+      decay_steps=0,
+      lr_floor_ratio=0.01,
+      grad_clip_norm=0.0,
+    )
+  )
+
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, async_save=True))
+
+  c.eval = ml_collections.ConfigDict(
+    dict(after_training=True, batch_size=8, max_new_tokens=64, max_examples=0)
+  )
+  return c

@@ -1,0 +1,280 @@
+"""Student evaluation: generated answers to held-out questions and MCQ accuracy by capability.
+
+For every test record the prompt (question + images, ending with `<|im_start|>assistant\\n`) is
+built by the same processor as training, batched to the training length buckets (padding rows
+fill the last batch, so every batch of one bucket reuses one compiled sampler), and answered
+greedily by the jitted sampler. Results go to the workdir:
+
+  eval/answers.jsonl    one line per question: capability, question type, question, reference,
+                        prediction, and for multiple-choice questions the two letters;
+  eval_summary.json     counts and MCQ accuracy per capability (and overall), run facts.
+
+MCQ scoring is an exact letter match. A question is multiple-choice when its reference answer
+starts with an option letter ("B", "B.", "Final: B. ..." as in Drive-KD answers); the predicted
+letter is read the same way from the start of the generated answer, so an answer that does not
+open with a letter is wrong. The judge-based DriveBench scores are not computed here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from drivekd_jax.data import pipeline as pipeline_lib
+from drivekd_jax.data.processor import CAPABILITIES, Processor, record_where
+from drivekd_jax.data.tokenizer import Tokenizer
+
+_LETTER = re.compile(r"^\s*(?:final(?:\s+answer)?\s*:\s*)?\(?([A-D])\)?(?=$|[\s.,:;)])", re.I)
+
+
+def mcq_letter(text: str) -> str | None:
+  """The option letter an answer opens with ("C", "C.", "(C)", "Final: C. ..."), else None."""
+  match = _LETTER.match(text)
+  return match.group(1).upper() if match else None
+
+
+def _text(value: Any) -> str:
+  if isinstance(value, bytes):
+    return value.decode("utf-8")
+  if isinstance(value, np.ndarray) and value.ndim == 0:
+    return _text(value.item())
+  return str(value)
+
+
+def _capability_name(record: Mapping[str, Any]) -> str:
+  value = record.get("capability", "other")
+  if isinstance(value, int | np.integer):
+    return CAPABILITIES[int(value)]
+  return _text(value)
+
+
+def generate_answers(
+  model,
+  processor: Processor,
+  tokenizer: Tokenizer,
+  records: Sequence[Mapping[str, Any]],
+  *,
+  batch_size: int,
+  buckets: Sequence[int],
+  max_images: int,
+  max_new_tokens: int,
+  source_name: str = "test",
+) -> list[str]:
+  """Greedy answers to the records' questions, in order.
+
+  Args:
+    model: an `InternVL`.
+    processor, tokenizer: as in training.
+    records: driving records (question, images, cameras, capability).
+    batch_size: prompts per generate call (the last batch is padded).
+    buckets: prompt length buckets; max_images: image slots per row.
+    max_new_tokens: answer length limit.
+
+  Returns:
+    One decoded answer per record (special tokens removed, stripped).
+  """
+  from drivekd_jax.models import internvl as internvl_lib
+  from drivekd_jax.models import sampling
+
+  image_shape = (processor.config.image_size, processor.config.image_size, 3)
+  answers: list[str] = []
+  for start in range(0, len(records), batch_size):
+    chunk = records[start : start + batch_size]
+    examples = []
+    for offset, record in enumerate(chunk):
+      where = f"{source_name} index {start + offset}, {record_where(record)}"
+      examples.append(processor.record_example(record, where=where, prompt_only=True))
+    while len(examples) < batch_size:
+      examples.append(pipeline_lib.padding_example(tokenizer.pad_id, image_shape))
+    batch = pipeline_lib.collate(
+      examples,
+      buckets=buckets,
+      max_images=max_images,
+      pad_id=tokenizer.pad_id,
+      image_shape=image_shape,
+    )
+    state = internvl_lib.generate(
+      model,
+      batch["input_ids"],
+      batch["pixel_values"],
+      max_new_tokens=max_new_tokens,
+      attention_mask=batch["attention_mask"],
+      stop_token_ids=tokenizer.stop_ids,
+      pad_token_id=tokenizer.pad_id,
+      method=sampling.GREEDY,
+    )
+    for tokens in sampling.completions(state)[: len(chunk)]:
+      answers.append(tokenizer.decode(tokens, skip_special_tokens=True).strip())
+  return answers
+
+
+def score(records: Sequence[Mapping[str, Any]], answers: Sequence[str]) -> tuple[dict, list]:
+  """MCQ accuracy by capability and per-question rows (see the module docstring)."""
+  rows = []
+  per_cap: dict[str, dict[str, int]] = {}
+  for record, answer in zip(records, answers):
+    capability = _capability_name(record)
+    reference = _text(record["answer"])
+    row = {
+      "capability": capability,
+      "question_type": _text(record.get("question_type", "")),
+      "frame_token": _text(record.get("frame_token", "")),
+      "question": _text(record["question"]),
+      "reference": reference,
+      "prediction": answer,
+    }
+    counts = per_cap.setdefault(capability, {"questions": 0, "mcq": 0, "mcq_correct": 0})
+    counts["questions"] += 1
+    gold = mcq_letter(reference)
+    if gold is not None:
+      predicted = mcq_letter(answer)
+      row.update(reference_letter=gold, predicted_letter=predicted, correct=predicted == gold)
+      counts["mcq"] += 1
+      counts["mcq_correct"] += int(predicted == gold)
+    rows.append(row)
+  summary = {}
+  for capability, counts in sorted(per_cap.items()):
+    accuracy = counts["mcq_correct"] / counts["mcq"] if counts["mcq"] else None
+    summary[capability] = {**counts, "mcq_accuracy": accuracy}
+  total_mcq = sum(c["mcq"] for c in per_cap.values())
+  total_correct = sum(c["mcq_correct"] for c in per_cap.values())
+  summary["overall"] = {
+    "questions": len(rows),
+    "mcq": total_mcq,
+    "mcq_correct": total_correct,
+    "mcq_accuracy": total_correct / total_mcq if total_mcq else None,
+  }
+  return summary, rows
+
+
+def evaluate(
+  model,
+  processor: Processor,
+  tokenizer: Tokenizer,
+  source: Sequence[Mapping[str, Any]],
+  workdir: str,
+  *,
+  batch_size: int,
+  buckets: Sequence[int],
+  max_images: int,
+  max_new_tokens: int,
+  max_examples: int = 0,
+  facts: Mapping[str, Any] | None = None,
+  source_name: str = "test",
+) -> dict:
+  """Answers the first `max_examples` records (0: all), scores them, writes the summary files.
+
+  Returns:
+    The summary dict (also written to `<workdir>/eval_summary.json`).
+  """
+  count = len(source) if not max_examples else min(max_examples, len(source))
+  records = [source[i] for i in range(count)]
+  started = time.perf_counter()
+  answers = generate_answers(
+    model,
+    processor,
+    tokenizer,
+    records,
+    batch_size=batch_size,
+    buckets=buckets,
+    max_images=max_images,
+    max_new_tokens=max_new_tokens,
+    source_name=source_name,
+  )
+  seconds = time.perf_counter() - started
+  by_capability, rows = score(records, answers)
+  summary = {
+    "source": source_name,
+    "num_questions": len(rows),
+    "generation_seconds": round(seconds, 3),
+    "max_new_tokens": max_new_tokens,
+    "mcq_scoring": "exact option-letter match at the start of the answer",
+    "by_capability": by_capability,
+    **dict(facts or {}),
+  }
+  if jax.process_index() == 0:
+    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+    with open(os.path.join(workdir, "eval", "answers.jsonl"), "w") as f:
+      for row in rows:
+        f.write(json.dumps(row) + "\n")
+    path = os.path.join(workdir, "eval_summary.json")
+    with open(path + ".tmp", "w") as f:
+      json.dump(summary, f, indent=2)
+    os.replace(path + ".tmp", path)
+    overall = by_capability["overall"]
+    logging.info(
+      "evaluation: %d questions, MCQ accuracy %s (%d/%d); summary in %s",
+      len(rows),
+      overall["mcq_accuracy"],
+      overall["mcq_correct"],
+      overall["mcq"],
+      path,
+    )
+  return summary
+
+
+def run(config: Any, workdir: str) -> dict:
+  """Task "drivekd.eval": evaluates the student of the latest checkpoint in `workdir`.
+
+  Rebuilds the data and the student from the config (teachers are not needed), restores the
+  student's parameters (trainable and frozen parts) from `<workdir>/checkpoints` (or
+  `config.eval.checkpoint_dir`), and writes `eval_summary.json` and `eval/answers.jsonl`.
+  """
+  from flax import nnx
+
+  from drivekd_jax.data.processor import Processor
+  from drivekd_jax.train import checkpoint as ckpt_lib
+  from drivekd_jax.train import sharding as sharding_lib
+  from drivekd_jax.train import state as state_lib
+  from drivekd_jax.train import trainer
+
+  workdir = os.path.abspath(workdir)
+  mesh = sharding_lib.make_mesh(config.get("mesh", None))
+  rules = sharding_lib.rules_from_config(config.get("sharding_rules", None))
+  data = trainer.prepare_data(config, workdir)
+  student, student_cfg = trainer.build_model(
+    config.student, data.tokenizer, mesh, rules, int(config.seed)
+  )
+  processor = Processor.for_model(
+    data.tokenizer,
+    student_cfg,
+    max_tiles=int(config.data.get("max_tiles", 1)),
+    system_message=config.data.get("system_message", "") or None,
+  )
+  directory = config.eval.get("checkpoint_dir", "") or os.path.join(workdir, "checkpoints")
+  with ckpt_lib.Checkpointer(directory) as checkpointer:
+    step = checkpointer.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {directory}: train first (task drivekd.train)")
+  graphdef, params, frozen = state_lib.split_student(
+    student, config.distill.get("trainable", "all")
+  )
+  target = {"params": {"student": params}}
+  if jax.tree.leaves(frozen):
+    target["frozen"] = frozen
+  restored = ckpt_lib.restore_partial(directory, step, target)
+  model = nnx.merge(graphdef, restored["params"]["student"], restored.get("frozen", frozen))
+  logging.info("evaluating the student of checkpoint step %d in %s", step, directory)
+  pipeline_config = data.pipeline_config
+  return evaluate(
+    model,
+    processor,
+    data.tokenizer,
+    data.test_source,
+    workdir,
+    batch_size=int(config.eval.batch_size),
+    buckets=pipeline_config.buckets,
+    max_images=pipeline_config.max_images,
+    max_new_tokens=int(config.eval.max_new_tokens),
+    max_examples=int(config.eval.get("max_examples", 0)),
+    source_name=data.test_name,
+    facts={"checkpoint_step": step, "checkpoint_dir": directory},
+  )
