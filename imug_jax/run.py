@@ -6,7 +6,9 @@ Config (see configs/imug/demo.py):
   data.num_samples, data.seed, data.max_samples (0: all)
   model.kind           "tiny" (in-process JAX model) or "http" (official /infer servers)
   model.name           output folder name; model.urls / timeout / retries for "http";
-                       model.tiny (TinyConfig fields), model.seed, model.text_vocab_size for "tiny"
+                       model.tiny (TinyConfig fields), model.seed, model.text_vocab_size for "tiny";
+                       model.train (TrainConfig fields; steps 0: untrained) first fits the tiny
+                       model to the synthetic ground truth (imug_jax.models.tiny_train)
   rollout.temperature, seed, concurrency, force, progress
   rollout.reference_control  also roll out with reference history (synthetic ground truth, or
                        rollout.reference_dir: another run's model folder) into <name>__refhist
@@ -80,7 +82,20 @@ def build_model(
       tok = text_tokenizer.train_bpe_tokenizer(text_corpus(bench), cfg.text_vocab_size, path)
     fields = {f.name for f in dataclasses.fields(TinyConfig)}
     tiny = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.tiny.items() if k in fields}
-    return TinyUnifiedModel(tok, TinyConfig(**tiny), seed=cfg.seed, name=cfg.name)
+    model = TinyUnifiedModel(tok, TinyConfig(**tiny), seed=cfg.seed, name=cfg.name)
+    train = cfg.get("train")
+    if train is not None and train.steps > 0:
+      from imug_jax.models import tiny_train
+
+      if config.data.get("source", "synthetic") != "synthetic":
+        raise ValueError("model.train needs the synthetic benchmark's ground truth")
+      bench = bench or load_benchmark(config, workdir)
+      losses = tiny_train.train(model, bench, tiny_train.TrainConfig(**train.to_dict()))
+      logging.info(
+        "tiny model: %d training steps, loss %.3f -> %.3f", len(losses), losses[0], losses[-1]
+      )
+      model.train_losses = losses
+    return model
   raise ValueError(f"model.kind must be 'tiny' or 'http', got {cfg.kind!r}")
 
 
@@ -130,6 +145,7 @@ def rollout(
     "benchmark": str(bench.data_dir),
     "num_samples": len(samples),
     "outputs": str(out_dir),
+    "train_losses": getattr(model, "train_losses", None),
     "runs": {name: dataclasses.asdict(s) for name, s in runs.items()},
   }
   (out_dir.parent / "rollout_summary.json").write_text(json.dumps(summary, indent=2))

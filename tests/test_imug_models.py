@@ -170,3 +170,80 @@ def test_long_prompts_are_prefilled_in_pieces_and_overlong_ones_fail(tokenizer):
   small = TinyUnifiedModel(tokenizer, dataclasses.replace(CONFIG, cache_length=128))
   with pytest.raises(ModelError, match="does not fit the cache"):
     small.respond(history, "text_only", 0.0)
+
+
+def test_ground_truth_dialogue_supervises_exactly_the_answers(tmp_path):
+  from imug_jax import run as run_lib
+  from imug_jax.data import synthetic
+  from imug_jax.models import tiny_train
+
+  bench = synthetic.write_synthetic(tmp_path / "bench", num_samples=4, seed=0)
+  tok = train_bpe_tokenizer(run_lib.text_corpus(bench), 300, tmp_path / "tokenizer.json")
+  model = TinyUnifiedModel(tok, CONFIG)
+  sample = bench.samples[0]  # Geometric_Coloring: image and text turns, dynamic answers.
+  tokens, mask = tiny_train.ground_truth_dialogue(model, bench, sample)
+  supervised = tokens[mask].tolist()
+  expected = []
+  truth = synthetic.ground_truth_images(bench.data_dir)
+  meta = synthetic.load_meta(bench.data_dir)
+  for task in sample.tasks:
+    if task.modality == "image":
+      image = truth[(sample.key, task.turn)].read_bytes()
+      expected += model.image_tokens(image)[1:] + [model.im_end]
+    else:
+      answer = task.answer
+      if task.is_dynamic:
+        entry = meta[(sample.key, task.turn)]
+        answer = synthetic.oracle_dynamic_answer(
+          entry, itok.read_image(truth[(sample.key, entry["image_turn"])].read_bytes())
+        )
+      expected += [*map(int, tok.encode(answer)), model.im_end]
+  assert supervised == expected
+  assert len(tokens) == len(
+    model.encode_prompt([m for m in _history_of(model, bench, sample)], "text_only")
+  ) - len(model.prompt_suffix("text_only"))
+
+
+def _history_of(model, bench, sample):
+  from imug_jax.data import synthetic
+  from imug_jax.rollout.runner import user_message
+
+  truth = synthetic.ground_truth_images(bench.data_dir)
+  meta = synthetic.load_meta(bench.data_dir)
+  history = [protocol.message("system", [protocol.text_item(sample.system_prompt)])]
+  for task in sample.tasks:
+    history.append(user_message(task, bench.images_dir))
+    if task.modality == "image":
+      history.append(
+        protocol.assistant_message(Response(image=truth[(sample.key, task.turn)].read_bytes()))
+      )
+    else:
+      answer = task.answer
+      if task.is_dynamic:
+        entry = meta[(sample.key, task.turn)]
+        answer = synthetic.oracle_dynamic_answer(
+          entry, itok.read_image(truth[(sample.key, entry["image_turn"])].read_bytes())
+        )
+      history.append(protocol.assistant_message(Response(text=answer)))
+  return history
+
+
+@pytest.mark.slow
+def test_training_reduces_the_loss(tmp_path):
+  from imug_jax import run as run_lib
+  from imug_jax.data import synthetic
+  from imug_jax.models import tiny_train
+
+  bench = synthetic.write_synthetic(tmp_path / "bench", num_samples=2, seed=0)
+  tok = train_bpe_tokenizer(run_lib.text_corpus(bench), 300, tmp_path / "tokenizer.json")
+  model = TinyUnifiedModel(tok, CONFIG)
+  before = model.params
+  losses = tiny_train.train(
+    model,
+    bench,
+    tiny_train.TrainConfig(
+      steps=12, batch_size=2, max_length=256, learning_rate=1e-2, unconditional_fraction=0.0
+    ),
+  )
+  assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3])
+  assert model.params is not before and not model.tokens  # New parameters, fresh cache.

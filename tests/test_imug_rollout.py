@@ -261,6 +261,8 @@ def test_demo_config_runs_end_to_end(tmp_path):
   spec.loader.exec_module(demo)
   config = demo.get_config()
   config.data.num_samples = 4
+  config.model.train.steps = 2
+  config.model.train.max_length = 512
   config.rollout.progress = False
   summary = run_lib.run(config, str(tmp_path))
   assert set(summary["runs"]) == {"tiny_umm", "tiny_umm__refhist"}
@@ -269,6 +271,7 @@ def test_demo_config_runs_end_to_end(tmp_path):
     results = list((tmp_path / "outputs" / "model_outputs" / name).rglob("result.json"))
     assert len(results) == 4
   assert json.loads((tmp_path / "outputs" / "rollout_summary.json").read_text()) == summary
+  assert len(summary["train_losses"]) == 2 and all(np.isfinite(summary["train_losses"]))
   # A second run resumes: nothing to do.
   again = run_lib.run(config, str(tmp_path))
   assert all(c["skipped"] == 4 and c["done"] == 0 for c in again["runs"].values())

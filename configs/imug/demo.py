@@ -41,6 +41,15 @@ def get_config() -> ml_collections.ConfigDict:
     )
   )
 
+  # A short teacher-forced fit on the synthetic ground truth (imug_jax.models.tiny_train).
+  config.model.train = ml_collections.ConfigDict()
+  config.model.train.steps = 30
+  config.model.train.batch_size = 2
+  config.model.train.max_length = 1024
+  config.model.train.learning_rate = 3e-3
+  config.model.train.unconditional_fraction = 0.1
+  config.model.train.seed = 0
+
   config.rollout = ml_collections.ConfigDict()
   config.rollout.temperature = 0.7
   config.rollout.seed = 0

@@ -160,7 +160,7 @@ class TinyUnifiedModel:
         chex.assert_max_traces(_turn, n=max_traces), static_argnums=0, donate_argnums=4
       )
     self._lock = threading.Lock()
-    self._newline = [int(t) for t in tokenizer.encode("\n")]
+    self.newline_tokens = [int(t) for t in tokenizer.encode("\n")]
     self.reset()
 
   # ------------------------------------------------------------------------------ tokenization
@@ -180,7 +180,7 @@ class TinyUnifiedModel:
         tokens += map(int, self.tokenizer.encode(item["text"]))
       else:
         tokens += self.image_tokens(protocol.decode_image(item["image"]))
-    return tokens + [self.im_end, *self._newline]
+    return tokens + [self.im_end, *self.newline_tokens]
 
   def prompt_suffix(self, output_mode: str) -> list[int]:
     """The tokens that force the output mode: the assistant header (+ `<img>`)."""
