@@ -228,14 +228,14 @@ def case(request, tmp_path_factory):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
-def _forward_jit(graphdef, state, ids, pixels, maps):
-  return nnx.merge(graphdef, state)(ids, pixels, maps=maps)
+def _forward_jit(graphdef, state, ids, pixels, maps, cache):
+  return nnx.merge(graphdef, state)(ids, pixels, maps=maps, cache=cache)
 
 
-def forward(model: InternVL, ids, pixels, maps: MapRequest = NO_MAPS):
+def forward(model: InternVL, ids, pixels, maps: MapRequest = NO_MAPS, cache=None):
   """The model's forward pass, compiled once per config and shape (faster than eager here)."""
   graphdef, state = nnx.split(model)
-  return _forward_jit(graphdef, state, jnp.asarray(ids), jnp.asarray(pixels), maps)
+  return _forward_jit(graphdef, state, jnp.asarray(ids), jnp.asarray(pixels), maps, cache)
 
 
 def _check_parity(ours: InternVL, reference, hf_out) -> None:
@@ -315,6 +315,15 @@ def test_text_to_image_maps_are_the_image_columns(case):
     want = np.take_along_axis(np.asarray(out.full_maps[layer]), np.asarray(positions)[:, None], -1)
     np.testing.assert_allclose(np.asarray(out.text_to_image_maps[layer]), want, atol=0)
   assert set(out.full_maps) == {0, last} and not out.hidden_states
+  # Prefilled into a KV cache, the maps span cache slots and the image columns follow them.
+  cached = forward(model, IDS, PIXELS, maps, cache=model.init_cache(2, IDS.shape[1] + 5))
+  assert cached.full_maps[0].shape == (2, IDS.shape[1], IDS.shape[1] + 5)
+  for layer in (0, last):
+    np.testing.assert_allclose(
+      np.asarray(cached.text_to_image_maps[layer]),
+      np.asarray(out.text_to_image_maps[layer]),
+      atol=1e-6,
+    )
   # N = 4 images x 4 tokens columns (the global-order bound); each row holds 2 images.
   assert np.asarray(valid).sum(axis=1).tolist() == [8, 8]
   assert np.asarray(positions)[0, :8].tolist() == [2, 3, 4, 5, 8, 9, 10, 11]
