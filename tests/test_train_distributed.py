@@ -33,13 +33,10 @@ assert jax.process_count() == 2 and jax.device_count() == 8, (jax.process_count(
 sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
 import numpy as np
 import test_train_loop as loop_test
+from jax.experimental import multihost_utils
 result = loop_test.run_two_process_half(workdir, pid)
-if pid == 0:
-  leaves = [np.asarray(jax.experimental.multihost_utils.process_allgather(x, tiled=True))
-            for x in jax.tree.leaves(result.state["params"])]
-else:
-  leaves = [np.asarray(jax.experimental.multihost_utils.process_allgather(x, tiled=True))
-            for x in jax.tree.leaves(result.state["params"])]
+leaves = [np.asarray(multihost_utils.process_allgather(x, tiled=True))
+          for x in jax.tree.leaves(result.state["params"])]
 if pid == 0:
   np.savez(os.path.join(workdir, "params.npz"), *leaves)
 print("worker", pid, "done at step", result.step, flush=True)

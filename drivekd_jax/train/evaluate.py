@@ -10,7 +10,7 @@ greedily by the jitted sampler. Results go to the workdir:
   eval_summary.json     counts and MCQ accuracy per capability (and overall), run facts.
 
 MCQ scoring is an exact letter match. A question is multiple-choice when its reference answer
-starts with an option letter ("B", "B.", "Final: B. ..." as in Drive-KD answers); the predicted
+starts with an option letter followed by punctuation or nothing ("B", "B.", "(B)", "Final: B. ..." as in Drive-KD answers; "A car" is not a letter); the predicted
 letter is read the same way from the start of the generated answer, so an answer that does not
 open with a letter is wrong. The judge-based DriveBench scores are not computed here.
 """
@@ -32,7 +32,7 @@ from drivekd_jax.data import pipeline as pipeline_lib
 from drivekd_jax.data.processor import CAPABILITIES, Processor, record_where
 from drivekd_jax.data.tokenizer import Tokenizer
 
-_LETTER = re.compile(r"^\s*(?:final(?:\s+answer)?\s*:\s*)?\(?([A-D])\)?(?=$|[\s.,:;)])", re.I)
+_LETTER = re.compile(r"^\s*(?:final(?:\s+answer)?\s*:\s*)?\(?([A-D])\)?(?=$|[.,:;)])", re.I)
 
 
 def mcq_letter(text: str) -> str | None:

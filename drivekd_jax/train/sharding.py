@@ -246,6 +246,26 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+  """Host values (or single-device arrays, typed PRNG keys included) as replicated global arrays.
+
+  Every process must pass the same values; works with one or many processes.
+  """
+  sharding = replicated(mesh)
+
+  def one(x):
+    if hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      impl = jax.random.key_impl(x)
+      data = np.asarray(jax.random.key_data(x))
+      return jax.random.wrap_key_data(
+        jax.make_array_from_callback(data.shape, sharding, lambda index: data[index]), impl=impl
+      )
+    value = np.asarray(x)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+  return jax.tree.map(one, tree)
+
+
 def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules, ndim: int) -> NamedSharding:
   """Leading (batch) dimension over the rule for "batch"; the rest replicated."""
   axes = tuple(a for a in rules["batch"] if mesh.shape[a] > 1)

@@ -255,7 +255,8 @@ def train_loop(
     "nonfinite_in_row": jnp.zeros((), jnp.int32),
   }
   repl = sharding_lib.replicated(mesh)
-  counters = jax.device_put(counters, repl)
+  counters = sharding_lib.replicate(counters, mesh)
+  rng = sharding_lib.replicate(rng, mesh)
 
   # Resume.
   step = 0
@@ -270,8 +271,8 @@ def train_loop(
     if restored.data_state is not None:
       data.set_state(restored.data_state)
     total = int(restored.metadata.get("nonfinite_total", 0))
-    counters = jax.device_put(
-      {"nonfinite_total": jnp.int32(total), "nonfinite_in_row": jnp.int32(0)}, repl
+    counters = sharding_lib.replicate(
+      {"nonfinite_total": np.int32(total), "nonfinite_in_row": np.int32(0)}, mesh
     )
     logging.info("resuming from checkpoint step %d in %s", step, checkpointer.directory)
     print(f"Resuming from step {step} (checkpoint in {checkpointer.directory})", flush=True)
