@@ -17,11 +17,13 @@ from flax import nnx
 from drivekd_jax.models import presets
 from drivekd_jax.models.internvl import InternVL
 
-# Published sizes (billions of parameters): the Hugging Face Hub model pages of
-# OpenGVLab/InternVL3-{1B,2B,8B,14B,38B,78B} ("Model size", counted from the safetensors files):
-# 938M, 2.09B, 7.94B, 15.1B, 38.4B, 78.4B. The 1B figure is also what
-# reference/driving_benchmarks.md §3.4 derives from the 1.88 GB bf16 model.safetensors
-# (0.938 B, untied head); the model cards' summary tables round it to 0.9B.
+# Published sizes in billions. 2B-78B: the sizes the InternVL3 release lists for
+# OpenGVLab/InternVL3-{2B,8B,14B,38B,78B} (Hugging Face model pages, parameter counts of the
+# safetensors files): 2.1B (2.09), 7.9B (7.94), 15.1B, 38.4B, 78.4B; 2B and 8B are taken at the
+# Hub's three digits. 1B: the card rounds it to 0.9B, which is too coarse for a 2% check, so we use
+# 0.938B, the count that reference/driving_benchmarks.md §3.4 derives from the 1.88 GB bf16
+# model.safetensors (untied head). (The search tool offered no page with these exact figures to
+# re-check; they come from the team brief and the reference file.)
 PUBLISHED_BILLIONS = {
   "1B": 0.938,
   "2B": 2.09,

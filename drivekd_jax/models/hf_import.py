@@ -572,7 +572,7 @@ def _load(
       f"{shown}{' ...' if len(unexpected) > 5 else ''}"
     )
 
-  place = _placement(sharding, state)
+  place = _placement(sharding)
   values = {}
   for path, spec in specs.items():
     variable = flat[path]
@@ -586,7 +586,7 @@ def _load(
   return nnx.merge(graphdef, nnx.from_flat_state(list(flat.items())))
 
 
-def _placement(sharding, state) -> Callable[[tuple, nnx.Variable, np.ndarray], jax.Array]:
+def _placement(sharding) -> Callable[[tuple, nnx.Variable, np.ndarray], jax.Array]:
   """How each loaded host array becomes a device array.
 
   `sharding` is one of: None (default device); a `jax.sharding.Sharding` (every parameter);
