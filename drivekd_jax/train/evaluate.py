@@ -10,9 +10,10 @@ greedily by the jitted sampler. Results go to the workdir:
   eval_summary.json     counts and MCQ accuracy per capability (and overall), run facts.
 
 MCQ scoring is an exact letter match. A question is multiple-choice when its reference answer
-starts with an option letter followed by punctuation or nothing ("B", "B.", "(B)", "Final: B. ..." as in Drive-KD answers; "A car" is not a letter); the predicted
-letter is read the same way from the start of the generated answer, so an answer that does not
-open with a letter is wrong. The judge-based DriveBench scores are not computed here.
+starts with an option letter followed by punctuation or nothing ("B", "B.", "(B)", "Final: B.
+..." as in Drive-KD answers; "A car ..." is not a letter); the predicted letter is read the same
+way from the start of the generated answer, so an answer that does not open with a letter is
+wrong. The judge-based DriveBench scores are not computed here.
 """
 
 from __future__ import annotations
