@@ -247,6 +247,7 @@ def test_killed_rollout_resumes_without_losing_or_duplicating(bench, tmp_path):
   results = sorted(model_dir.rglob("result.json"))
   assert len(results) == len(bench.samples)
   assert {p: p.stat().st_mtime_ns for p in before} == before
+  assert not list(model_dir.rglob("*.tmp"))  # Interrupted writes were cleaned up on redo.
   todo = [
     s for s in bench.samples if layout.question_dir(model_dir, s.key) / "result.json" not in before
   ]
@@ -263,6 +264,7 @@ def test_demo_config_runs_end_to_end(tmp_path):
   config.data.num_samples = 4
   config.model.train.steps = 2
   config.model.train.max_length = 512
+  config.model.tiny.chunk_buckets = (256,)
   config.rollout.progress = False
   summary = run_lib.run(config, str(tmp_path))
   assert set(summary["runs"]) == {"tiny_umm", "tiny_umm__refhist"}

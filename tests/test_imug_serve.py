@@ -185,6 +185,7 @@ def test_serve_cli_serves_the_demo_model(tmp_path):
       f"--port={port}",
       f"--workdir={tmp_path}",
       "--config.data.num_samples=4",
+      "--config.model.train.steps=0",
     ],
     cwd=ROOT,
     stdout=subprocess.PIPE,

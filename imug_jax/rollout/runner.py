@@ -123,6 +123,8 @@ def rollout_sample(
   history_source = history_source or OwnHistory()
   images_dir = Path(images_dir)
   folder = question_dir(model_dir, sample.key)
+  for stale in folder.glob(".*.tmp"):  # Left by a run killed in the middle of a write.
+    stale.unlink(missing_ok=True)
   rng = jax.random.key(0) if rng is None else rng
   history: list[protocol.Message] = []
   if sample.system_prompt:
