@@ -323,3 +323,10 @@ def test_palette_tokenizer_round_trips():
   assert set(tok.encode(red).tolist()) == {tok.token("red")}
   with pytest.raises(ValueError):
     tok.decode(np.full(tok.num_tokens, tok.vocab_size))
+
+
+def test_tfds_builder_cli(tmp_path, capsys):
+  synthetic.write_synthetic(tmp_path / "release", num_samples=3, seed=1)
+  tfds_builder.main(["--release", str(tmp_path / "release"), "--data_dir", str(tmp_path / "t")])
+  assert "3 samples" in capsys.readouterr().out
+  assert list((tmp_path / "t" / "imug_bench" / "1.0.0").glob("*.array_record*"))

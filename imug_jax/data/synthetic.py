@@ -537,6 +537,9 @@ def _litmus_test(s: _Script, rng: np.random.Generator) -> None:
   s.static_mcq(f"{second.capitalize()} is:", ["acidic", "basic", "neutral"], _LIQUIDS[second])
 
 
+# Synthetic subdomains in the grid-scorer format (pass to the scorer's grid override).
+GRID_SUBDOMAINS = ("grid_coloring",)
+
 DOMAINS: tuple[tuple[str, str, Callable[[_Script, np.random.Generator], None]], ...] = (
   ("Geometric_Coloring", "grid_coloring", _grid_coloring),
   ("Color_Reasoning", "paint_mixing", _paint_mixing),

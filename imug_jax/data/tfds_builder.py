@@ -11,8 +11,8 @@ One example per sample, keyed `<domain>/<subdomain>/<sample_id>`:
   grid_gt             Text   JSON {turn: 3x3 grid}
 
 Images are stored as their original encoded bytes (JPEG or PNG, any size), never re-encoded.
-Read back with `tfds.builder_from_directory(dir).as_data_source(split="test")` and
-`decode_example`.
+Build: `python -m imug_jax.data.tfds_builder --release DIR --data_dir OUT`. Read back with
+`tfds.builder_from_directory(dir).as_data_source(split="test")` and `decode_example`.
 """
 
 from __future__ import annotations
@@ -143,3 +143,21 @@ def build(release_dir: str | Path, data_dir: str | Path) -> ImugBench:
   builder = ImugBench(release_dir=release_dir, data_dir=str(Path(data_dir).resolve()))
   builder.download_and_prepare()
   return builder
+
+
+def main(argv=None) -> None:
+  import argparse
+
+  parser = argparse.ArgumentParser(description="Builds the imug_bench TFDS dataset (array_record).")
+  parser.add_argument("--release", required=True, help="release folder (or its parent)")
+  parser.add_argument("--data_dir", required=True, help="TFDS data_dir to write")
+  args = parser.parse_args(argv)
+  builder = build(args.release, args.data_dir)
+  print(
+    f"built {builder.info.full_name} in {builder.data_dir}: "
+    f"{builder.info.splits['test'].num_examples} samples"
+  )
+
+
+if __name__ == "__main__":
+  main()
