@@ -77,13 +77,14 @@ class KVCache:
 
   @classmethod
   def logical_axes(cls, num_layers: int) -> KVCache:
-    """The same pytree structure with a tuple of logical axis names in place of each array."""
+    """The same pytree structure with a `PartitionSpec` of logical axis names per array."""
+    kv = jax.P(*_CACHE_KV_AXES)
     return cls(
-      k=tuple(_CACHE_KV_AXES for _ in range(num_layers)),
-      v=tuple(_CACHE_KV_AXES for _ in range(num_layers)),
-      key_mask=("cache_batch", "cache_seq"),
-      length=(),
-      next_position=("cache_batch",),
+      k=(kv,) * num_layers,
+      v=(kv,) * num_layers,
+      key_mask=jax.P("cache_batch", "cache_seq"),
+      length=jax.P(),
+      next_position=jax.P("cache_batch"),
     )
 
   @property
