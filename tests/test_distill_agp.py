@@ -270,16 +270,17 @@ def test_bad_inputs_raise():
 
 
 def test_multisteps_equals_per_sample_agp_then_accumulation():
-  """chain(agp, MultiSteps(sgd(1), k)) == Σ_i AGP(g_i / k) (official per-sample AGP)."""
+  """chain(agp, MultiSteps(adamw, k)) == AdamW on Σ_i AGP(g_i / k) (official per-sample AGP)."""
   rng = np.random.default_rng(8)
   k_acc = 4
   order = (1, 0, 2)
   samples = [_random_grads(rng, 3, conflict=True, scale_caps=3.0) for _ in range(k_acc)]
+  adamw = optax.adamw(0.1, weight_decay=0.01)
   tx = optax.chain(
     agp_lib.asymmetric_gradient_projection(order=order),
-    optax.MultiSteps(optax.sgd(1.0), k_acc).gradient_transformation(),
+    optax.MultiSteps(adamw, k_acc).gradient_transformation(),
   )
-  params = _unstack_ref([np.zeros(s, np.float32) for s in SHAPES])
+  params = _unstack_ref([rng.normal(size=s).astype(np.float32) for s in SHAPES])
   state = tx.init(params)
   update = jax.jit(tx.update)
   for i, g in enumerate(samples):
@@ -287,8 +288,9 @@ def test_multisteps_equals_per_sample_agp_then_accumulation():
     if i < k_acc - 1:
       jax.tree.map(lambda x: np.testing.assert_array_equal(x, 0), out)
   scaled = [[[None if x is None else x / k_acc for x in grad] for grad in g] for g in samples]
-  expected = _add(*[reference(g, "agp", order) for g in scaled])
-  _assert_tree_close(out, jax.tree.map(lambda x: -x, _unstack_ref(expected)))
+  accumulated = _unstack_ref(_add(*[reference(g, "agp", order) for g in scaled]))
+  expected, _ = adamw.update(accumulated, adamw.init(params), params)
+  _assert_tree_close(out, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_output_keeps_leaf_shardings_on_8_devices():
