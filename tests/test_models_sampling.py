@@ -13,7 +13,7 @@ from test_models_decoder import CASES, hf_model, random_ids
 
 from drivekd_jax.models.config import DecoderConfig
 from drivekd_jax.models.hf_import import from_pretrained
-from drivekd_jax.models.qwen2 import Decoder
+from drivekd_jax.models.qwen2 import Decoder, KVCache
 from drivekd_jax.models.sampling import (
   Sampler,
   SamplerLoop,
@@ -173,3 +173,30 @@ def test_sampling_is_reproducible_per_key(small_model):
   c = sampler.generate(ids, rng=jax.random.key(2)).tokens
   np.testing.assert_array_equal(a, b)
   assert not np.array_equal(a, c)
+
+
+def test_sharded_decoder_and_cache_generate_the_same_tokens(small_model):
+  """Parameters and cache placed by their logical axes on a (data 2, fsdp 2, tensor 2) mesh."""
+  from drivekd_jax.train import sharding as sharding_lib
+
+  mesh = sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  rules = sharding_lib.rules_from_config()
+  sharded = sharding_lib.shard_module_state(small_model, mesh, rules)
+  kernel = sharded.layers[0].mlp.gate_proj.kernel.get_value()
+  assert len(kernel.sharding.device_set) == 8 and not kernel.sharding.is_fully_replicated
+  ids = jnp.asarray(random_ids(61, 4, 6, seed=5))
+  expected = Sampler(small_model, cache_length=16, max_new_tokens=6).generate(ids).tokens
+  specs = KVCache.logical_axes(small_model.config.num_layers)
+  shapes = jax.eval_shape(lambda: KVCache.create(small_model.config, 4, 16))
+  cache_sharding = jax.tree.map(
+    lambda x, names: jax.NamedSharding(
+      mesh, sharding_lib.logical_to_spec(tuple(names), x.shape, mesh, rules)
+    ),
+    shapes,
+    specs,
+  )
+  assert cache_sharding.k[0].spec == jax.P(("data", "fsdp"), None, "tensor", None)
+  sampler = Sampler(sharded, cache_length=16, max_new_tokens=6, cache_sharding=cache_sharding)
+  state = sampler.generate(ids)
+  np.testing.assert_array_equal(state.tokens, expected)
+  assert state.cache.k[0].sharding.is_equivalent_to(cache_sharding.k[0], 4)

@@ -195,7 +195,9 @@ class Sampler:
     state = sampler.continue_(state, next_user_ids, attention_mask=next_mask)  # next turn
 
   The parameters are captured at construction (`nnx.split`); build a new `Sampler` after they
-  change. Calls with the same shapes never retrace.
+  change. Calls with the same shapes never retrace. On a mesh, pass `cache_sharding` (a `KVCache`
+  of `NamedSharding`s, e.g. from `KVCache.logical_axes` and the rules table) so fresh caches are
+  born sharded; sharded parameters are used where they are.
   """
 
   def __init__(
@@ -208,11 +210,13 @@ class Sampler:
     pad_token_id: int = 0,
     method: SamplingMethod = GREEDY,
     cache_dtype: jnp.dtype | None = None,
+    cache_sharding: KVCache | None = None,
   ):
     graphdef, self.params = nnx.split(decoder)
     self.config = decoder.config
     self.cache_length = cache_length
     self.cache_dtype = cache_dtype or decoder.dtype
+    self.cache_sharding = cache_sharding
     self.loop = SamplerLoop(
       graphdef=graphdef,
       max_new_tokens=max_new_tokens,
@@ -243,7 +247,14 @@ class Sampler:
     batch, length = chunk.shape[:2]
     if length + 1 > self.cache_length:
       raise ValueError(f"a prompt of {length} tokens does not fit a cache of {self.cache_length}")
-    cache = KVCache.create(self.config, batch, self.cache_length, self.cache_dtype)
+    create = functools.partial(
+      KVCache.create, self.config, batch, self.cache_length, self.cache_dtype
+    )
+    cache = (
+      create()
+      if self.cache_sharding is None
+      else jax.jit(create, out_shardings=self.cache_sharding)()
+    )
     no_pending = jnp.zeros((batch,), jnp.int32)
     return self._run(chunk, attention_mask, cache, no_pending, jnp.zeros((batch,), bool), rng)
 
