@@ -12,8 +12,10 @@ Config (see configs/imug/demo.py):
   rollout.temperature, seed, concurrency, force, progress
   rollout.reference_control  also roll out with reference history (synthetic ground truth, or
                        rollout.reference_dir: another run's model folder) into <name>__refhist
-Outputs: <workdir>/outputs/model_outputs/<name>[__refhist]/<domain>/<subdomain>/question_<id>/
-and <workdir>/outputs/rollout_summary.json.
+  scoring             (optional) judge and options of `imug_jax.report.run_from_config`;
+                       scoring.enabled False skips it; tts (optional) test-time scaling
+Outputs: <workdir>/outputs/model_outputs/<name>[__refhist]/<domain>/<subdomain>/question_<id>/,
+<workdir>/outputs/rollout_summary.json and, with scoring, <workdir>/report/.
 """
 
 from __future__ import annotations
@@ -163,7 +165,18 @@ def rollout(
 
 
 def run(config, workdir: str) -> dict[str, Any]:
-  """Entry point of task "imug.eval" (launch.py)."""
+  """Entry point of task "imug.eval" (launch.py): rollouts, then scoring and the report.
+
+  Scoring (`imug_jax.report.run_from_config`: test-time-scaling rollouts if configured, the
+  official scoring pipeline, summary, exposure bias, plots) runs when the config has a `scoring`
+  section whose `enabled` is not False; its result is returned under "report".
+  """
   bench = load_benchmark(config, workdir)
   model = build_model(config, workdir, bench)
-  return rollout(config, workdir, model, bench)
+  summary = rollout(config, workdir, model, bench)
+  scoring = config.get("scoring")
+  if scoring is not None and scoring.get("enabled", True):
+    from imug_jax import report
+
+    summary["report"] = report.run_from_config(config, workdir, model, bench)
+  return summary

@@ -272,7 +272,11 @@ def test_demo_config_runs_end_to_end(tmp_path):
     assert counts["done"] == 4 and counts["failed"] == 0, (name, counts)
     results = list((tmp_path / "outputs" / "model_outputs" / name).rglob("result.json"))
     assert len(results) == 4
+  report = summary.pop("report")
   assert json.loads((tmp_path / "outputs" / "rollout_summary.json").read_text()) == summary
+  assert report["runs"]["references"] == {"tiny_umm": "tiny_umm__refhist"}
+  assert set(report["models"]) == {"tiny_umm", "tiny_umm__refhist"}
+  assert (tmp_path / "report" / "summary.json").is_file()
   assert len(summary["train_losses"]) == 2 and all(np.isfinite(summary["train_losses"]))
   # A second run resumes: nothing to do.
   again = run_lib.run(config, str(tmp_path))

@@ -58,4 +58,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.rollout.progress = True
   config.rollout.reference_control = True
   config.rollout.reference_dir = ""  # Empty: the synthetic ground truth.
+  # Scoring and report (imug_jax.report): the smoke-test random judge, since nothing may be
+  # downloaded or called remotely; the grid and MCQ scores are exact.
+  config.scoring = ml_collections.ConfigDict()
+  config.scoring.judge = "random"
+  config.scoring.judge_seed = 2026
+  config.scoring.mcq_parser = "official"
+  config.scoring.num_boot = 200
   return config

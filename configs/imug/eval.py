@@ -38,4 +38,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.rollout.progress = True
   config.rollout.reference_control = False
   config.rollout.reference_dir = ""
+  # Scoring with an OpenAI-compatible judge (imug_jax.report); enable it and name the judge:
+  #   --config.scoring.enabled=True --config.scoring.base_url=... --config.scoring.judge_model=...
+  config.scoring = ml_collections.ConfigDict()
+  config.scoring.enabled = False
+  config.scoring.judge = "openai"
+  config.scoring.base_url = ""
+  config.scoring.judge_model = ""
+  config.scoring.api_key_env = "IMUG_JUDGE_API_KEY"
+  config.scoring.mcq_parser = "official"
   return config
