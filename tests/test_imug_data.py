@@ -330,3 +330,21 @@ def test_tfds_builder_cli(tmp_path, capsys):
   tfds_builder.main(["--release", str(tmp_path / "release"), "--data_dir", str(tmp_path / "t")])
   assert "3 samples" in capsys.readouterr().out
   assert list((tmp_path / "t" / "imug_bench" / "1.0.0").glob("*.array_record*"))
+
+
+def test_tfds_builder_keeps_release_jpeg_bytes_and_extra_fields(tmp_path):
+  import io
+
+  from PIL import Image
+
+  _write_small_release(tmp_path / "release")
+  buffer = io.BytesIO()
+  Image.fromarray(np.full((30, 50, 3), 90, np.uint8)).save(buffer, format="JPEG")
+  jpeg = buffer.getvalue()
+  (tmp_path / "release" / "images" / "Apparel__bg__10__img_0.jpg").write_bytes(jpeg)
+  source = tfds_builder.build(tmp_path / "release", tmp_path / "tfds").as_data_source(split="test")
+  example = tfds_builder.decode_example(source[0])
+  assert example.sample.to_json() == _record()  # Unknown fields ("difficulty", "note") kept.
+  assert example.images == {"Apparel__bg__10__img_0.jpg": jpeg}
+  assert example.dynamic_references == {2: (1,)}
+  assert example.image_references == {1: (schema.ImageRef(1, "input"),)}

@@ -4,7 +4,8 @@ POST `<url>/infer` with `{"history", "output_mode", "temperature"}`; the reply i
 `{"response": {"text": ...}}`, `{"response": {"image": <base64 PNG>}}` or an error object.
 Several server URLs are used round-robin (each attempt moves on to the next URL, so a dead
 server costs one attempt, not the request). Transport errors, timeouts, 5xx/429 replies, server
-error objects and garbage replies are retried; other 4xx replies (our request is wrong) are not.
+error objects, garbage replies and replies in the wrong modality (text for an image turn or the
+reverse) are retried; other 4xx replies (our request is wrong) are not.
 """
 
 from __future__ import annotations
