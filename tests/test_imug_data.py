@@ -134,7 +134,7 @@ def _break(path, value):
 @pytest.mark.parametrize(
   "path, value, message",
   [
-    (("tasks", 0, "turn"), "1", "turn 'field 'turn'|turn must be an integer"),
+    (("tasks", 0, "turn"), "1", "field 'turn': turn must be an integer"),
     (("tasks", 0, "turn"), True, "turn must be an integer"),
     (("tasks", 1, "modality"), "video", "turn 2 field 'modality'"),
     (("tasks", 1, "input"), [], "turn 2 field 'input'"),

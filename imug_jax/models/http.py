@@ -67,8 +67,11 @@ class HttpModel:
     request = urllib.request.Request(
       url, data=body, method="POST", headers={"Content-Type": "application/json"}
     )
+    limit = 2 * self.max_image_bytes  # A base64 image plus the JSON around it.
     with urllib.request.urlopen(request, timeout=self.timeout) as reply:
-      raw = reply.read()
+      raw = reply.read(limit + 1)
+    if len(raw) > limit:
+      raise ProtocolError(f"reply larger than {limit} bytes")
     try:
       return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
