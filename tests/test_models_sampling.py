@@ -125,6 +125,8 @@ def test_multi_turn_cache_carry_equals_reencoding(small_model):
     scratch = sampler.generate(jnp.asarray(history[None]))
     np.testing.assert_array_equal(second.tokens[b], scratch.tokens[0])
   assert int(second.cache.length) == (7 + 1) + 5 + (1 + 6) + 5
+  with pytest.raises(ValueError, match="does not fit a cache of 48"):
+    sampler.continue_(second, jnp.ones((2, 23), jnp.int32))
 
 
 def test_sampler_does_not_retrace(small_model, monkeypatch):

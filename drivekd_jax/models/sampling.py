@@ -272,6 +272,12 @@ class Sampler:
     `state.cache` is donated (reused in place); keep only the returned state.
     """
     chunk = _one_of(input_ids, inputs_embeds)
+    used = int(state.cache.length)  # one scalar read per turn, so overflow fails loudly
+    if used + chunk.shape[1] + 1 > self.cache_length:
+      raise ValueError(
+        f"a {chunk.shape[1]}-token turn after {used} cached slots does not fit a cache of "
+        f"{self.cache_length}"
+      )
     rng = state.rng if rng is None else rng
     valid = jnp.ones(state.pending_token.shape, bool)
     return self._run(chunk, attention_mask, state.cache, state.pending_token, valid, rng)
