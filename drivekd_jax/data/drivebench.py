@@ -206,30 +206,16 @@ class DriveBench(rec.DrivingBuilder):
     image_path = rec.require(item, "image_path", dict, error=error)
     rec.check_cameras(image_path, error=error, field="image_path")
     rec.check_cameras(rec.tagged_cameras(fields["question"]), error=error, field="question")
-    try:
-      cameras = rec.filter_cameras(fields["question"], list(image_path))
-    except KeyError as e:
-      raise error(
-        f"the question tags camera {e.args[0]} but image_path has no such view",
-        field="image_path",
-        kind="missing_field",
-      ) from None
-    images, paths = [], []
-    for camera in cameras:
-      field = f"image_path.{camera}"
-      raw = image_path[camera]
-      if not isinstance(raw, str):
-        raise error(f"expected str, got {type(raw).__name__}", field=field, kind="wrong_type")
-      candidates = rec.reroot_nuscenes_path(raw, corruption_folder=config.corruption_folder)
-      if candidates is None:
-        raise error(f"no samples/<CAM>/ component in {raw!r}", field=field, kind="bad_path")
-      if config.no_image:
-        images.append(rec.black_image(NO_IMAGE_SIZE))
-        paths.append("")
-        continue
-      image, relative = self.read_image(image_root, candidates, error=error, field=field)
-      images.append(image)
-      paths.append(relative)
+    cameras = rec.select_cameras(fields["question"], image_path, error=error, field="image_path")
+    images, paths = self.read_camera_images(
+      image_root,
+      image_path,
+      cameras,
+      error=error,
+      field="image_path",
+      corruption_folder=config.corruption_folder,
+      blank_size=NO_IMAGE_SIZE if config.no_image else None,
+    )
     infos, scene_description = key_objects.get(
       (fields["scene_token"], fields["frame_token"]), (None, "")
     )

@@ -123,13 +123,7 @@ class DriveKDQA(rec.DrivingBuilder):
     image_root: str | os.PathLike | None = None,
     **kwargs,
   ):
-    if json_path is not None and split_paths is not None:
-      raise ValueError("pass json_path or split_paths, not both")
-    self._split_paths = (
-      {k: Path(v).absolute() for k, v in split_paths.items()}
-      if split_paths is not None
-      else ({"train": Path(json_path).absolute()} if json_path is not None else None)
-    )
+    self._split_paths = rec.split_paths_from(json_path, split_paths)
     self._image_root = Path(image_root).absolute() if image_root else None
     super().__init__(**kwargs)
 

@@ -97,13 +97,7 @@ class DriveLM(rec.DrivingBuilder):
     filter_cameras: bool = True,
     **kwargs,
   ):
-    if json_path is not None and split_paths is not None:
-      raise ValueError("pass json_path or split_paths, not both")
-    self._split_paths = (
-      {k: Path(v).absolute() for k, v in split_paths.items()}
-      if split_paths is not None
-      else ({"train": Path(json_path).absolute()} if json_path is not None else None)
-    )
+    self._split_paths = rec.split_paths_from(json_path, split_paths)
     self._image_root = Path(image_root).absolute() if image_root else None
     self._exclude_drivebench = exclude_drivebench
     self._drivebench_json = Path(drivebench_json).absolute() if drivebench_json else None
@@ -219,28 +213,12 @@ class DriveLM(rec.DrivingBuilder):
     tag = rec.parse_tag(qa.get("tag", []), error=error, field=f"{field}.tag")
     rec.check_cameras(rec.tagged_cameras(question), error=error, field=f"{field}.Q")
     if self._filter_cameras:
-      try:
-        cameras = rec.filter_cameras(question, list(image_paths))
-      except KeyError as e:
-        raise error(
-          f"the question tags camera {e.args[0]} but image_paths has no such view",
-          field="image_paths",
-          kind="missing_field",
-        ) from None
+      cameras = rec.select_cameras(question, image_paths, error=error, field="image_paths")
     else:
       cameras = [c for c in rec.CAMERAS if c in image_paths]
-    images, paths = [], []
-    for camera in cameras:
-      path_field = f"image_paths.{camera}"
-      raw = image_paths[camera]
-      if not isinstance(raw, str):
-        raise error(f"expected str, got {type(raw).__name__}", field=path_field, kind="wrong_type")
-      candidates = rec.reroot_nuscenes_path(raw)
-      if candidates is None:
-        raise error(f"no samples/<CAM>/ component in {raw!r}", field=path_field, kind="bad_path")
-      image, relative = self.read_image(image_root, candidates, error=error, field=path_field)
-      images.append(image)
-      paths.append(relative)
+    images, paths = self.read_camera_images(
+      image_root, image_paths, cameras, error=error, field="image_paths"
+    )
     return rec.make_record(
       record_id="",
       source_index=0,

@@ -209,6 +209,21 @@ def parse_object_refs(text: str, *, pixel_coordinates: bool) -> list[ObjectRef]:
   return list(refs.values())
 
 
+def select_cameras(
+  question: str, image_paths: Mapping[str, Any], *, error: RecordErrorFactory, field: str
+) -> list[str]:
+  """`filter_cameras` for a record: a tagged camera missing from `image_paths` is a `RecordError`
+  on `field` (kind `missing_field`)."""
+  try:
+    return filter_cameras(question, list(image_paths))
+  except KeyError as e:
+    raise error(
+      f"the question tags camera {e.args[0]} but {field} has no such view",
+      field=field,
+      kind="missing_field",
+    ) from None
+
+
 def check_cameras(names: Iterable[str], *, error: RecordErrorFactory, field: str) -> None:
   """Raises a `RecordError` for the first camera name that is not a nuScenes camera."""
   for name in names:
@@ -226,6 +241,18 @@ class RecordErrorFactory:
     return RecordError(
       reason, file=self.file, index=self.index, token=self.token, field=field, kind=kind
     )
+
+
+def split_paths_from(
+  json_path: str | os.PathLike | None, split_paths: Mapping[str, str | os.PathLike] | None
+) -> dict[str, Path] | None:
+  """The builders' `json_path=` (the `train` file) or `split_paths=` as absolute paths per split;
+  None when neither is given (the builder then looks in its manual dir)."""
+  if json_path is not None and split_paths is not None:
+    raise ValueError("pass json_path or split_paths, not both")
+  if split_paths is not None:
+    return {split: Path(path).absolute() for split, path in split_paths.items()}
+  return {"train": Path(json_path).absolute()} if json_path is not None else None
 
 
 def load_json(path: str | os.PathLike) -> Any:
@@ -740,6 +767,47 @@ class DrivingBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def bad_record_log(self) -> BadRecordLog:
     return BadRecordLog(self.skip_bad_records)
+
+  def read_camera_images(
+    self,
+    root: Path,
+    image_paths: Mapping[str, Any],
+    cameras: Sequence[str],
+    *,
+    error: RecordErrorFactory,
+    field: str,
+    corruption_folder: str | None = None,
+    blank_size: int | None = None,
+  ) -> tuple[list[bytes], list[str]]:
+    """(images, paths relative to `root`) of `image_paths[camera]` for each of `cameras`.
+
+    Each path is re-rooted on `samples/<CAM>/` (`reroot_nuscenes_path`; `corruption_folder`
+    reads the corrupted copy instead). With `blank_size` the paths are still checked but every
+    view is a black `blank_size`^2 image with path "" (DriveBench NoImage).
+
+    Raises:
+      RecordError: on `<field>.<camera>`: not a string, no `samples/<CAM>/` component, or the
+        image is missing or unreadable.
+    """
+    images, paths = [], []
+    for camera in cameras:
+      camera_field = f"{field}.{camera}"
+      raw = image_paths[camera]
+      if not isinstance(raw, str):
+        raise error(
+          f"expected str, got {type(raw).__name__}", field=camera_field, kind="wrong_type"
+        )
+      candidates = reroot_nuscenes_path(raw, corruption_folder=corruption_folder)
+      if candidates is None:
+        raise error(f"no samples/<CAM>/ component in {raw!r}", field=camera_field, kind="bad_path")
+      if blank_size is not None:
+        images.append(black_image(blank_size))
+        paths.append("")
+        continue
+      image, relative = self.read_image(root, candidates, error=error, field=camera_field)
+      images.append(image)
+      paths.append(relative)
+    return images, paths
 
   def read_image(
     self, root: Path, candidates: Sequence[str], *, error: RecordErrorFactory, field: str
