@@ -191,12 +191,7 @@ def test_ground_truth_dialogue_supervises_exactly_the_answers(tmp_path):
       image = truth[(sample.key, task.turn)].read_bytes()
       expected += model.image_tokens(image)[1:] + [model.im_end]
     else:
-      answer = task.answer
-      if task.is_dynamic:
-        entry = meta[(sample.key, task.turn)]
-        answer = synthetic.oracle_dynamic_answer(
-          entry, itok.read_image(truth[(sample.key, entry["image_turn"])].read_bytes())
-        )
+      answer = synthetic.ground_truth_answer(sample.key, task, truth, meta)
       expected += [*map(int, tok.encode(answer)), model.im_end]
   assert supervised == expected
   assert len(tokens) == len(
@@ -218,12 +213,7 @@ def _history_of(model, bench, sample):
         protocol.assistant_message(Response(image=truth[(sample.key, task.turn)].read_bytes()))
       )
     else:
-      answer = task.answer
-      if task.is_dynamic:
-        entry = meta[(sample.key, task.turn)]
-        answer = synthetic.oracle_dynamic_answer(
-          entry, itok.read_image(truth[(sample.key, entry["image_turn"])].read_bytes())
-        )
+      answer = synthetic.ground_truth_answer(sample.key, task, truth, meta)
       history.append(protocol.assistant_message(Response(text=answer)))
   return history
 

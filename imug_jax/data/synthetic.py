@@ -647,6 +647,21 @@ def ground_truth_images(root: str | Path) -> dict[tuple[schema.SampleKey, int], 
   return table
 
 
+def ground_truth_answer(
+  key: schema.SampleKey,
+  task: schema.Turn,
+  truth: dict[tuple[schema.SampleKey, int], Path],
+  meta: dict[tuple[schema.SampleKey, int], dict[str, Any]],
+) -> str:
+  """The gold reply of a text turn: its answer, or for a dynamic one the oracle's answer on the
+  ground-truth image it depends on (`truth` from `ground_truth_images`, `meta` from `load_meta`)."""
+  if not task.is_dynamic:
+    return task.answer
+  entry = meta[(key, task.turn)]
+  image = itok.read_image(truth[(key, entry["image_turn"])].read_bytes())
+  return oracle_dynamic_answer(entry, image)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", required=True, help="output folder")

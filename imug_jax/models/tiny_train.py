@@ -26,7 +26,6 @@ from flax import nnx
 
 from imug_jax.data import release as release_lib
 from imug_jax.data import synthetic
-from imug_jax.models import image_tokenizer as itok
 from imug_jax.models import protocol
 from imug_jax.models.protocol import Response
 from imug_jax.models.tiny import TinyUnifiedModel
@@ -74,11 +73,7 @@ def ground_truth_dialogue(
       response = Response(image=truth[(sample.key, task.turn)].read_bytes())
       add(protocol.assistant_message(response), header + 1)
     else:
-      answer = task.answer
-      if task.is_dynamic:
-        entry = meta[(sample.key, task.turn)]
-        image = itok.read_image(truth[(sample.key, entry["image_turn"])].read_bytes())
-        answer = synthetic.oracle_dynamic_answer(entry, image)
+      answer = synthetic.ground_truth_answer(sample.key, task, truth, meta)
       add(protocol.assistant_message(Response(text=answer)), header)
   return np.asarray(tokens, np.int32), np.asarray(mask, bool)
 
