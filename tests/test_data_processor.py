@@ -9,6 +9,7 @@ import PIL.Image
 import pytest
 import tokenizers
 import torch
+import transformers
 from tokenizers import models, pre_tokenizers, trainers
 
 from drivekd_jax.data import tokenizer as tok
@@ -228,7 +229,6 @@ def _write_qwen_style_directory(directory: Path, gap: int = 0):
 
 
 def test_real_tokenizer_directory_layouts_match_transformers(tmp_path):
-  transformers = pytest.importorskip("transformers")
   ids = _write_qwen_style_directory(tmp_path / "slow")
   ours = tok.Tokenizer.from_path(tmp_path / "slow")
   assert ours.special_ids == ids
