@@ -39,9 +39,15 @@ def _launch(workdir, *flags, config="configs/drivekd/demo.py"):
 @pytest.mark.slow
 def test_demo_trains_resumes_and_evaluates(tmp_path):
   workdir = tmp_path / "demo"
-  _launch(workdir, "--config.num_steps=2")
+  _launch(workdir, "--config.num_steps=2", "--config.eval.after_training=False")
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert steps == [2]
+  assert not (workdir / "eval_summary.json").exists()
+
+  log = _launch(workdir, "--config.num_steps=3")
+  assert "Resuming from step 2" in log
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps[-1] == 3
   scalars = metrics_lib.read_scalars(str(workdir / "tensorboard"))
   for tag in (
     "loss",
@@ -54,16 +60,36 @@ def test_demo_trains_resumes_and_evaluates(tmp_path):
     "nonfinite_total",
   ):
     assert tag in scalars, sorted(scalars)
+  assert [step for step, _ in scalars["loss"]] == [1, 2, 3]
   summary = json.loads((workdir / "eval_summary.json").read_text())
-  assert summary["checkpoint_step"] == 2
+  assert summary["checkpoint_step"] == 3
   assert summary["by_capability"]["overall"]["questions"] == 3
   assert len((workdir / "eval" / "answers.jsonl").read_text().splitlines()) == 3
 
-  log = _launch(workdir, "--config.num_steps=3", "--config.eval.after_training=False")
-  assert "Resuming from step 2" in log
-  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-  assert steps[-1] == 3
+  # The "drivekd.eval" task on the same workdir, in process (the suite's 8 fake devices).
+  from drivekd_jax.eval import driving
 
-  _launch(workdir, "--config.num_steps=3", "--config.task=drivekd.eval")
-  summary = json.loads((workdir / "eval_summary.json").read_text())
+  config = _demo_config()
+  (workdir / "eval_summary.json").unlink()
+  summary = driving.run(config, str(workdir))
   assert summary["checkpoint_step"] == 3
+  assert json.loads((workdir / "eval_summary.json").read_text())["num_questions"] == 3
+
+
+def _demo_config():
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("demo_config", REPO / "configs/drivekd/demo.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for flag in SMALL:
+    key, value = flag.removeprefix("--config.").split("=")
+    target = config
+    *parents, leaf = key.split(".")
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = (
+      type(target[leaf])(value) if not isinstance(target[leaf], bool) else (value == "True")
+    )
+  return config

@@ -116,22 +116,30 @@ def _all_finite(tree: Any) -> jax.Array:
 
 
 def guard_nonfinite(
-  step_fn: Callable[..., tuple[Any, Mapping[str, jax.Array]]], loss_key: str = "loss"
+  step_fn: Callable[..., tuple[Any, Mapping[str, jax.Array]]],
+  loss_key: str = "loss",
+  check_state: bool = True,
 ) -> Callable[..., Any]:
   """Wraps a pure step so a non-finite loss or new state keeps the old state.
 
   The returned function is `(state, batch, rng, counters, *extra) -> (state, metrics, counters)`
   with counters `{"nonfinite_total", "nonfinite_in_row"}` int32 scalars, and adds
-  `metrics["nonfinite"]` (1.0 on a skipped step). Steps that skip bad micro-batches themselves
-  (the Drive-KD step reports `skipped` and `consecutive_skips`) are counted the same way.
+  `metrics["nonfinite"]` (skipped steps or micro-steps). Steps that skip bad micro-batches
+  themselves (the Drive-KD step reports `skipped` and `consecutive_skips`) are counted the same
+  way; for them `check_state=False` avoids the whole-state check and select (which keeps old and
+  new state alive together).
   """
 
   def guarded(state, batch, rng, counters, *extra):
     new_state, metrics = step_fn(state, batch, rng, *extra)
-    finite = _all_finite(new_state)
-    if loss_key in metrics:
-      finite = finite & jnp.all(jnp.isfinite(metrics[loss_key]))
-    state = jax.lax.cond(finite, lambda: new_state, lambda: state)
+    finite = jnp.array(True)
+    if check_state:
+      finite = _all_finite(new_state)
+      if loss_key in metrics:
+        finite = finite & jnp.all(jnp.isfinite(metrics[loss_key]))
+      state = jax.lax.cond(finite, lambda: new_state, lambda: state)
+    else:
+      state = new_state
     skipped = jnp.logical_not(finite).astype(jnp.int32)
     inner_skipped = jnp.asarray(metrics.get("skipped", 0), jnp.float32).astype(jnp.int32)
     in_row = jnp.where(finite, 0, counters["nonfinite_in_row"] + 1)
@@ -220,6 +228,7 @@ def train_loop(
   to_global: Callable[[Mapping[str, np.ndarray], Mapping[str, Any]], Any] | None = None,
   metadata: Mapping[str, Any] | None = None,
   guard: ckpt_lib.PreemptionGuard | None = None,
+  check_state: bool = True,
 ) -> LoopResult:
   """Runs (or resumes) training until `settings.num_steps` batches are consumed or SIGTERM.
 
@@ -240,6 +249,8 @@ def train_loop(
       `sharding.host_to_global_batch`.
     metadata: JSON-able facts stored in every checkpoint.
     guard: a PreemptionGuard (one is installed when None).
+    check_state: check the whole new state for non-finite values and keep the old one if so;
+      False for steps that skip bad updates themselves (see `guard_nonfinite`).
 
   Returns:
     A LoopResult.
@@ -290,7 +301,7 @@ def train_loop(
     show_progress=settings.progress_bar,
   )
 
-  guarded = guard_nonfinite(step_fn)
+  guarded = guard_nonfinite(step_fn, check_state=check_state)
   compiled = None
   own_guard = guard is None
   guard = guard or ckpt_lib.PreemptionGuard()
@@ -873,6 +884,7 @@ def run(config: Any, workdir: str) -> dict:
     flops_fn=flops_fn,
     to_global=to_global,
     metadata={"train_source": data.train_name},
+    check_state=False,  # the Drive-KD step skips non-finite micro-steps itself
   )
   out = {
     "step": result.step,
