@@ -130,18 +130,21 @@ def main(argv):
         seconds, torch_tokens = _timed(run_torch)
         torch_times[threads] = min(torch_times[threads], seconds)
     torch.set_num_threads(default_threads)
+    jax_rate = batch * new_tokens / jax_time
     for threads, seconds in torch_times.items():
+      rate = batch * new_tokens / seconds
+      label = " (torch default)" if threads == default_threads else ""
       print(
-        f"  batch {batch}: torch, {threads} thread(s): {batch * new_tokens / seconds:.1f} tok/s"
+        f"  batch {batch}: torch {threads} thread(s){label}: {rate:9.1f} tok/s, "
+        f"jax/torch {jax_rate / rate:5.2f}x"
       )
     torch_threads = min(torch_times, key=torch_times.get)
     torch_time = torch_times[torch_threads]
     same = float(np.mean(jax_tokens == torch_tokens))
-    jax_rate = batch * new_tokens / jax_time
     torch_rate = batch * new_tokens / torch_time
     print(
       f"batch {batch}: jax {jax_rate:9.1f} tok/s ({jax_time * 1e3:7.1f} ms)  "
-      f"torch {torch_rate:9.1f} tok/s ({torch_time * 1e3:7.1f} ms, {torch_threads} thr)  "
+      f"best torch {torch_rate:9.1f} tok/s ({torch_time * 1e3:7.1f} ms, {torch_threads} thr)  "
       f"ratio {jax_rate / torch_rate:5.2f}x  identical tokens {same:.0%}"
     )
 
