@@ -775,20 +775,12 @@ def from_pretrained(
   param_dtype = jnp.dtype(param_dtype) if param_dtype is not None else dtype
   arch = _architecture(cfg)
   common = dict(dtype=dtype, param_dtype=param_dtype, sharding=sharding)
-  if arch in ("InternVLForConditionalGeneration", "internvl"):
+  original = arch in ("InternVLChatModel", "internvl_chat")
+  if original or arch in ("InternVLForConditionalGeneration", "internvl"):
     return _internvl_from_dir(
       directory,
       cfg,
-      original=False,
-      image_token_id=image_token_id,
-      image_size=image_size,
-      **common,
-    )
-  if arch in ("InternVLChatModel", "internvl_chat"):
-    return _internvl_from_dir(
-      directory,
-      cfg,
-      original=True,
+      original=original,
       image_token_id=image_token_id,
       image_size=image_size,
       **common,
