@@ -5,11 +5,15 @@
 * `JudgeVerifier`: any `Judge` (the benchmark judge, a local model judge...) scores the candidate
   with the image rubric, the instruction of the turn as the single evaluation point, and the
   images of that user turn as references. It never sees the benchmark's evaluation points.
+
+A verifier that fails (model or judge error, unparseable reply) scores the candidate 0 and logs a
+warning, so best-of-N goes on with the other candidates.
 """
 
 from __future__ import annotations
 
 import base64
+import logging
 import re
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -64,7 +68,8 @@ class SelfVerifier:
       reply = self.model.respond(
         with_candidate(history, candidate, self.prompt), "text_only", self.temperature, rng
       )
-    except ModelError:
+    except ModelError as error:
+      logging.warning("verifier %s failed, candidate scored 0: %s", self.name, error)
       return 0.0
     match = _DIGIT.search(reply.text or "")
     return float(match.group()) if match else 0.0
@@ -99,9 +104,13 @@ class JudgeVerifier:
       outcome = image_points.ask_for_points(
         self.judge, self.prompts.image, parts, retries=self.retries
       )
-    except JudgeError:
+    except JudgeError as error:
+      logging.warning("verifier %s failed, candidate scored 0: %s", self.name, error)
       return 0.0
     if outcome.error is not None or not outcome.points:
+      logging.warning(
+        "verifier %s: no usable points, candidate scored 0: %s", self.name, outcome.error
+      )
       return 0.0
     return sum(p.score for p in outcome.points) / len(outcome.points)
 
