@@ -197,7 +197,7 @@ def test_sharded_decoder_and_cache_generate_the_same_tokens(small_model):
     shapes,
     specs,
   )
-  assert cache_sharding.k[0].spec == jax.P(("data", "fsdp"), None, "tensor", None)
+  assert cache_sharding.k[0].spec == jax.P(("data", "fsdp"), "tensor", None, None)
   sampler = Sampler(sharded, cache_length=16, max_new_tokens=6, cache_sharding=cache_sharding)
   state = sampler.generate(ids)
   np.testing.assert_array_equal(state.tokens, expected)

@@ -148,8 +148,8 @@ def attention(
 
   Args:
     q: queries `[B, T, H, Dh]` (already rotated).
-    k: keys `[B, S, K, Dh]` with `H % K == 0` (already rotated).
-    v: values `[B, S, K, Dh]`.
+    k: keys `[B, K, S, Dh]` (head-major, the cache layout) with `H % K == 0`, already rotated.
+    v: values `[B, K, S, Dh]`.
     allowed: bool `[B, T, S]`, True where query t may attend key s.
     want_map: also return the head-averaged probabilities.
 
@@ -158,14 +158,14 @@ def attention(
     the probabilities are cast to v's dtype for the weighted sum, as in the reference eager path.
   """
   batch, length, num_heads, head_dim = q.shape
-  num_kv_heads = k.shape[2]
+  num_kv_heads = k.shape[1]
   groups = num_heads // num_kv_heads
   q = q.reshape(batch, length, num_kv_heads, groups, head_dim)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+  scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
   scores = scores * (head_dim**-0.5)
   scores = jnp.where(allowed[:, None, None, :, :], scores, _MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
+  out = jnp.einsum("bkgts,bksd->btkgd", probs.astype(v.dtype), v)
   out = out.reshape(batch, length, num_heads, head_dim).astype(q.dtype)
   head_mean = jnp.mean(probs, axis=(1, 2)) if want_map else None
   return out, head_mean

@@ -40,7 +40,7 @@ from drivekd_jax.models.layers import (
 )
 
 NO_MAPS = MapRequest()
-_CACHE_KV_AXES = ("cache_batch", "cache_seq", "cache_kv_heads", "head_dim")
+_CACHE_KV_AXES = ("cache_batch", "cache_kv_heads", "cache_seq", "head_dim")
 
 
 @flax.struct.dataclass
@@ -48,8 +48,9 @@ class KVCache:
   """Fixed-length key/value cache (a pytree).
 
   Attributes:
-    k: per layer, keys `[B, S, K, Dh]` (already rotated).
-    v: per layer, values `[B, S, K, Dh]`.
+    k: per layer, keys `[B, K, S, Dh]` (already rotated; head-major so decode steps read the
+      cache without transposing it).
+    v: per layer, values `[B, K, S, Dh]`.
     key_mask: bool `[B, S]`, True where a slot holds a real token.
     length: int32 scalar, slots written so far (the same for every row).
     next_position: int32 `[B]`, the RoPE position the row's next real token gets.
@@ -66,7 +67,7 @@ class KVCache:
     cls, config: DecoderConfig, batch_size: int, cache_length: int, dtype: jnp.dtype = jnp.float32
   ) -> KVCache:
     """An empty cache with `cache_length` slots."""
-    shape = (batch_size, cache_length, config.num_kv_heads, config.resolved_head_dim)
+    shape = (batch_size, config.num_kv_heads, cache_length, config.resolved_head_dim)
     return cls(
       k=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
       v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
@@ -157,7 +158,7 @@ class Attention(nnx.Module):
     write_index: jax.Array | None,
     want_map: bool,
   ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None, jax.Array | None]:
-    """Attends `x` `[B, T, D]`; with `kv` (layer cache `[B, S, K, Dh]` x2) writes the chunk's keys
+    """Attends `x` `[B, T, D]`; with `kv` (layer cache `[B, K, S, Dh]` x2) writes the chunk's keys
     and values at slot `write_index` first and attends over all S slots.
 
     Returns `(out [B, T, D], updated kv or None, head-averaged map or None)`.
@@ -167,10 +168,11 @@ class Attention(nnx.Module):
     k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
     v = self.v_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
     q = apply_rope(q, cos, sin)
-    k = apply_rope(k, cos, sin)
+    k = apply_rope(k, cos, sin).transpose(0, 2, 1, 3)  # [B, K, T, Dh]
+    v = v.transpose(0, 2, 1, 3)
     new_kv = None
     if kv is not None:
-      start = (0, write_index, 0, 0)
+      start = (0, 0, write_index, 0)
       k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
       v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
       new_kv = (k, v)
