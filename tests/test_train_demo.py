@@ -58,6 +58,9 @@ def test_demo_trains_resumes_and_evaluates(tmp_path):
     "agp/stage1_conflicts",
     "agp/cos_sup_planning",
     "nonfinite_total",
+    "learning_rate",
+    "perf/tokens_per_second",
+    "perf/tflops_per_second",
   ):
     assert tag in scalars, sorted(scalars)
   assert [step for step, _ in scalars["loss"]] == [1, 2, 3]

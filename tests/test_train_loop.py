@@ -157,6 +157,7 @@ def test_meshes_match_one_device(tmp_path):
       assert axis in str(kernel.sharding.spec), kernel.sharding
 
 
+@pytest.mark.slow
 def test_nonfinite_step_is_skipped_and_counted(tmp_path):
   """A NaN batch at step 2 leaves the state of step 1 and is counted; training goes on."""
   mesh = sharding_lib.make_mesh({"data": 1}, devices=jax.devices()[:1])

@@ -229,6 +229,7 @@ def train_loop(
   metadata: Mapping[str, Any] | None = None,
   guard: ckpt_lib.PreemptionGuard | None = None,
   check_state: bool = True,
+  host_scalars: Callable[[int], Mapping[str, float]] | None = None,
 ) -> LoopResult:
   """Runs (or resumes) training until `settings.num_steps` batches are consumed or SIGTERM.
 
@@ -251,6 +252,7 @@ def train_loop(
     guard: a PreemptionGuard (one is installed when None).
     check_state: check the whole new state for non-finite values and keep the old one if so;
       False for steps that skip bad updates themselves (see `guard_nonfinite`).
+    host_scalars: `step -> {name: value}` logged with the metrics (e.g. the learning rate).
 
   Returns:
     A LoopResult.
@@ -311,6 +313,7 @@ def train_loop(
   flops_in_window = 0.0
   previous_counters = None
   preempted = False
+  timer_started = False
 
   def save(at_step, force):
     meta = {**(metadata or {}), "nonfinite_total": int(counters["nonfinite_total"])}
@@ -370,7 +373,8 @@ def train_loop(
           )
       previous_counters = counters
 
-      if step == 1 or step % settings.log_every == 0 or step == settings.num_steps:
+      first_of_launch = not timer_started
+      if first_of_launch or step % settings.log_every == 0 or step == settings.num_steps:
         jax.block_until_ready(state)
         means = {k: float(np.mean([float(m[k]) for m in window])) for k in window[0]}
         means["nonfinite_total"] = float(counters["nonfinite_total"])
@@ -381,10 +385,12 @@ def train_loop(
           examples=examples_in_window / n if examples_in_window else None,
           flops=flops_in_window / n if flops_in_window else None,
         )
-        if step == 1:
-          timing = {}  # includes compilation
+        if first_of_launch:
+          timing = {}  # the first step of a launch includes compilation
           writer.start_timer(step)
-        writer.log(step, {**means, **timing})
+          timer_started = True
+        extra_scalars = dict(host_scalars(step)) if host_scalars is not None else {}
+        writer.log(step, {**means, **timing, **extra_scalars})
         short = {k: means[k] for k in ("loss", "nonfinite_total") if k in means}
         writer.update_progress(step, short)
         window, tokens_in_window, examples_in_window, flops_in_window = [], 0.0, 0.0, 0.0
@@ -860,6 +866,14 @@ def run(config: Any, workdir: str) -> dict:
   def to_global(host_batch, shardings):
     return pipeline_lib.make_global_batch(host_batch, shardings, pad_id=pad_id)
 
+  micro_per_step = data.pipeline_config.batch_size * jax.process_count()
+  micro_per_step //= exp.distill.microbatch_size
+
+  def host_scalars(step):
+    # The learning rate of the most recent optimizer update (updates every grad_accum_steps).
+    updates = max(0, step * micro_per_step // exp.distill.grad_accum_steps - 1)
+    return {"learning_rate": float(exp.schedule(updates))}
+
   settings = LoopSettings.from_config(config)
   logging.info(
     "training: %d steps of %d examples from %s; %d teachers; capabilities %s",
@@ -885,6 +899,7 @@ def run(config: Any, workdir: str) -> dict:
     to_global=to_global,
     metadata={"train_source": data.train_name},
     check_state=False,  # the Drive-KD step skips non-finite micro-steps itself
+    host_scalars=host_scalars,
   )
   out = {
     "step": result.step,
