@@ -144,3 +144,50 @@ def test_training_reduces_every_loss_and_skips_nonfinite(models):
   assert float(metrics["applied_microsteps"]) == 1 and float(metrics["skipped"]) == 0
   assert int(state.consecutive_skips) == 0
   assert jitted._cache_size() == 1
+
+
+@pytest.mark.slow
+def test_ablation_signals_and_two_teachers(models):
+  """Hidden-state MSE (learned projection), logit KL, cosine A_tv; per-capability teachers."""
+  student, (t_graph, t_state) = models
+  teacher2_cfg = presets.internvl3("tiny", num_layers=4)
+  t2_graph, t2_state = nnx.split(InternVL(teacher2_cfg, rngs=nnx.Rngs(2)))
+  config = DistillConfig.from_config(
+    {
+      "teacher_for": (0, 1, 0),
+      "grad_accum_steps": 1,
+      "signals": {
+        "perception": {"kind": "hidden", "start": 0},
+        "reasoning": {
+          "kind": "attention",
+          "map": "text_to_image",
+          "start": 0,
+          "end": -1,
+          "metric": "cosine",
+        },
+        "planning": {"kind": "logit_kl", "temperature": 2.0},
+      },
+    }
+  )
+  tx = step_lib.make_optimizer(config, 1e-3)
+  graphdef, state = step_lib.init_train_state(
+    config, student, tx, jax.random.key(0), teacher_configs=[TEACHER, teacher2_cfg]
+  )
+  assert state.params["aux"]["hidden_proj/perception"].shape == (64, 96)
+  step = step_lib.make_train_step(
+    config,
+    student_graphdef=graphdef,
+    student_config=STUDENT,
+    teacher_graphdefs=[t_graph, t2_graph],
+    teacher_configs=[TEACHER, teacher2_cfg],
+    tx=tx,
+  )
+  assert step.plan.teacher_requests[0].hidden_layers == (0,)
+  assert step.plan.teacher_requests[1].text_to_image_layers == (0, 1, 2, 3)
+  proj_before = np.asarray(state.params["aux"]["hidden_proj/perception"])
+  state, metrics = jax.jit(step)(state, make_batch(), jax.random.key(0), (t_state, t2_state))
+  for name in ("sup", "perception", "reasoning", "planning"):
+    value = float(metrics[f"loss/{name}"])
+    assert np.isfinite(value) and value > 0, (name, value)
+  assert float(metrics["applied_microsteps"]) == 3
+  assert not np.allclose(proj_before, state.params["aux"]["hidden_proj/perception"])
