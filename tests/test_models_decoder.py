@@ -154,9 +154,9 @@ def test_logits_and_every_attention_map_match_transformers(pair):
   _, case, hf, model = pair
   ids = random_ids(case["vocab_size"], 2, 13)
   with torch.no_grad():
-    ref = hf(torch.from_numpy(ids).long(), output_attentions=True)
+    ref = hf(torch.from_numpy(ids).long(), output_attentions=True, output_hidden_states=True)
   every = tuple(range(case["num_layers"]))
-  out = _run(model, jnp.asarray(ids), maps=MapRequest(full_layers=every))
+  out = _run(model, jnp.asarray(ids), maps=MapRequest(full_layers=every, hidden_layers=every))
   assert out.logits.dtype == jnp.float32
   np.testing.assert_allclose(out.logits, ref.logits.numpy(), atol=1e-4, rtol=0)
   assert sorted(out.full_maps) == list(every)
@@ -165,6 +165,10 @@ def test_logits_and_every_attention_map_match_transformers(pair):
     assert out.full_maps[layer].shape == (2, 13, 13)
     assert out.full_maps[layer].dtype == jnp.float32
     np.testing.assert_allclose(out.full_maps[layer], expected, atol=1e-5, rtol=0)
+  # HF's hidden_states[i + 1] is block i's output, except the last entry, which is final-normed.
+  for layer in every[:-1]:
+    expected = ref.hidden_states[layer + 1].numpy()
+    np.testing.assert_allclose(out.hidden_states[layer], expected, atol=1e-4, rtol=1e-5)
   plain = _run(model, jnp.asarray(ids))
   assert not plain.full_maps and not plain.text_to_image_maps and not plain.hidden_states
   np.testing.assert_allclose(plain.logits, out.logits, atol=1e-6, rtol=0)

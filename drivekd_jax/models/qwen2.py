@@ -106,7 +106,8 @@ class DecoderOutput:
     cache: the updated cache, or None when called without one.
     full_maps: layer -> fp32 `[B, T, T]` (`[B, T, S]` with a cache).
     text_to_image_maps: layer -> fp32 `[B, T, N]`.
-    hidden_states: layer -> `[B, T, D]`, the output of that block.
+    hidden_states: layer -> `[B, T, D]`, the output of that block (the last block's is taken
+      before the final norm, unlike HF's last `hidden_states` entry).
   """
 
   logits: jax.Array
