@@ -66,7 +66,9 @@ class DistillConfig:
       that order; the loss vector is [L_sup, L_k for k enabled].
     signals: capability -> `CapabilitySignal` (missing ones take the official signal).
     mixing: 3 rows (sample type perception / reasoning / planning) x 3 teacher columns; rows are
-      normalised. `other_row` is used for capability id 3 ("other").
+      normalised. `other_row` is used for capability id 3 ("other", absent from the official
+      data); its default zero row trains such samples on CE only (the official trainer, given
+      an all-zero row, would skip the sample entirely).
     weight_ce, weights: static loss weights (w_ce; w_p, w_r, w_pl). A zero weight disables the
       capability, as in the official code.
     teacher_for: index of the teacher model serving each capability ((0, 0, 0): one shared
