@@ -555,11 +555,12 @@ def load_tokenizer(config: Any, workdir: str, synthetic_dir: str | None):
     return Tokenizer.from_path(path)
   if synthetic_dir is None:
     raise ValueError("config.data.tokenizer is required unless config.data.source='synthetic'")
-  out = os.path.join(workdir, "data", "tokenizer")
+  out = os.path.join(workdir, "data", "tokenizer", "tokenizer.json")
 
   def train():
-    if os.path.exists(os.path.join(out, "tokenizer.json")):
-      return
+    if os.path.exists(out):
+      return  # a resumed run keeps the tokenizer its checkpoints were trained with
+    os.makedirs(os.path.dirname(out), exist_ok=True)
     texts = []
     with open(os.path.join(synthetic_dir, "drivekd_train.json")) as f:
       for item in json.load(f):
