@@ -178,7 +178,8 @@ class VisionAttention(nnx.Module):
       k = self.k_norm(k)
     shape = (n, t, self.num_heads, self.head_dim)
     everything = jnp.ones((n, 1, 1), jnp.bool_)  # bidirectional: every key is visible
-    out, _ = attention(q.reshape(shape), k.reshape(shape), v.reshape(shape), everything)
+    head_major = lambda x: x.reshape(shape).transpose(0, 2, 1, 3)  # keys/values [N, H, T, Dh]
+    out, _ = attention(q.reshape(shape), head_major(k), head_major(v), everything)
     return self.proj(out.reshape(n, t, width))
 
 
