@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import logging as std_logging
 import os
 import signal
 import threading
@@ -279,3 +280,17 @@ def restore_partial(directory: str, step: int, target: Any, item: str = "state")
       path,
       args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
     )
+
+
+class _DropOrbaxInfo(std_logging.Filter):
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def quiet_orbax_info_logs() -> None:
+  """Drops Orbax's INFO lines (several per save) from the absl log; warnings still show."""
+  from absl import logging as absl_logging
+
+  handler = absl_logging.get_absl_handler()
+  if not any(isinstance(f, _DropOrbaxInfo) for f in handler.filters):
+    handler.addFilter(_DropOrbaxInfo())

@@ -238,6 +238,7 @@ def run(config: Any, workdir: str) -> dict:
   from drivekd_jax.train import trainer
 
   workdir = os.path.abspath(workdir)
+  ckpt_lib.quiet_orbax_info_logs()
   mesh = sharding_lib.make_mesh(config.get("mesh", None))
   rules = sharding_lib.rules_from_config(config.get("sharding_rules", None))
   data = trainer.prepare_data(config, workdir)

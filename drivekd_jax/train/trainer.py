@@ -841,6 +841,7 @@ def run(config: Any, workdir: str) -> dict:
 
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
+  ckpt_lib.quiet_orbax_info_logs()
   started = time.time()
   exp = build_experiment(config, workdir)
   if jax.process_index() == 0:
