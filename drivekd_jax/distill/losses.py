@@ -71,8 +71,11 @@ def cross_entropy(logits, labels, attention_mask=None, example_mask=None):
   targets, mask = shifted_label_mask(labels, attention_mask)
   if example_mask is not None:
     mask = mask & example_mask[:, None]
-  logp = jax.nn.log_softmax(_f32(logits[:, :-1]), axis=-1)
-  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  z = _f32(logits[:, :-1])
+  # The target logit by a one-hot contraction rather than a gather: under the vmapped pullback
+  # of the train step a gather's transpose is a scatter, which XLA CPU runs ~1.5x slower.
+  picked = jnp.sum(z * jax.nn.one_hot(targets, z.shape[-1], dtype=z.dtype), axis=-1)
+  nll = jax.nn.logsumexp(z, axis=-1) - picked
   maskf = mask.astype(jnp.float32)
   return jnp.sum(nll * maskf) / jnp.maximum(1.0, jnp.sum(maskf))
 
