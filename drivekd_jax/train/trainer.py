@@ -734,6 +734,13 @@ def build_experiment(config: Any, workdir: str) -> Experiment:
 
   distill = DistillConfig.from_config(config.distill)
   examples_per_step = data.pipeline_config.batch_size * jax.process_count()
+  shards = sharding_lib.batch_size_divisor(mesh, rules)
+  if examples_per_step % shards:
+    raise ValueError(
+      f"the global batch ({examples_per_step} = config.data.batch_size x {jax.process_count()} "
+      f"processes) does not split over the {shards} batch shards of mesh {dict(mesh.shape)} "
+      "(rule 'batch'); change config.data.batch_size or config.mesh"
+    )
   if examples_per_step % distill.microbatch_size:
     raise ValueError(
       f"global batch {examples_per_step} is not a multiple of "
