@@ -1,4 +1,8 @@
-"""The demo config end to end through launch.py: train, resume with more steps, evaluate."""
+"""The demo config end to end through launch.py: teacher warm-up, train, resume, evaluate.
+
+Shrunk by flags: one teacher shared by the three capabilities (so it is warmed once), 3 warm-up
+steps, 2 + 1 distillation steps, 3 held-out questions of 4 tokens.
+"""
 
 from __future__ import annotations
 
@@ -28,8 +32,26 @@ SMALL = [
 ]
 
 
+# Launch-only flags (`_demo_config` below cannot parse the tuple).
+ONE_TEACHER = [
+  "--config.teacher_names=reasoning",
+  "--config.distill.teacher_for=(0,0,0)",
+  "--config.teacher_warmup.steps=3",
+  "--config.teacher_warmup.batch_size=4",
+  "--config.teacher_warmup.log_every=1",
+]
+
+
 def _launch(workdir, *flags, config="configs/drivekd/demo.py"):
-  cmd = [sys.executable, "launch.py", f"--config={config}", f"--workdir={workdir}", *SMALL, *flags]
+  cmd = [
+    sys.executable,
+    "launch.py",
+    f"--config={config}",
+    f"--workdir={workdir}",
+    *SMALL,
+    *ONE_TEACHER,
+    *flags,
+  ]
   env = {**os.environ, "PYTHONUNBUFFERED": "1"}
   out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
@@ -39,13 +61,24 @@ def _launch(workdir, *flags, config="configs/drivekd/demo.py"):
 @pytest.mark.slow
 def test_demo_trains_resumes_and_evaluates(tmp_path):
   workdir = tmp_path / "demo"
-  _launch(workdir, "--config.num_steps=2", "--config.eval.after_training=False")
+  log = _launch(workdir, "--config.num_steps=2", "--config.eval.after_training=False")
+  assert "Teacher reasoning warm-up step 3/3: CE" in log
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert steps == [2]
   assert not (workdir / "eval_summary.json").exists()
+  teacher_dir = workdir / "teachers" / "reasoning"
+  assert sorted(p.name for p in (workdir / "teachers").iterdir()) == ["reasoning"]
+  warmup = json.loads((teacher_dir / "warmup.json").read_text())
+  assert [step for step, _ in warmup["loss"]] == [1, 2, 3]
+  assert warmup["loss"][-1][1] < warmup["loss"][0][1]  # CE falls during the warm-up
+  saved = {p: p.stat().st_mtime_ns for p in (teacher_dir / "params").rglob("*") if p.is_file()}
+  assert saved
 
   log = _launch(workdir, "--config.num_steps=3")
   assert "Resuming from step 2" in log
+  assert "Teacher reasoning: reusing its warm-up" in log
+  assert "warm-up step" not in log
+  assert {p: p.stat().st_mtime_ns for p in saved} == saved  # reused, not rewritten
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert steps[-1] == 3
   scalars = metrics_lib.read_scalars(str(workdir / "tensorboard"))
@@ -67,6 +100,9 @@ def test_demo_trains_resumes_and_evaluates(tmp_path):
   summary = json.loads((workdir / "eval_summary.json").read_text())
   assert summary["checkpoint_step"] == 3
   assert summary["by_capability"]["overall"]["questions"] == 3
+  assert summary["teachers"]["reasoning"]["questions"] == 3
+  teacher_summary = json.loads((teacher_dir / "eval_summary.json").read_text())
+  assert teacher_summary["teacher"] == "reasoning" and teacher_summary["warmed_up"]
   assert len((workdir / "eval" / "answers.jsonl").read_text().splitlines()) == 3
 
   # The "drivekd.eval" task on the same workdir, in process (the suite's 8 fake devices).

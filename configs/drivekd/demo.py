@@ -40,7 +40,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.data.source = "synthetic"
-  c.data.synthetic.num_train_frames = 24
+  c.data.synthetic.num_train_frames = 64
   c.data.synthetic.num_test_frames = 4
   c.data.synthetic.image_size = 64
   c.data.vocab_size = 512
@@ -52,17 +52,23 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.student.preset = "tiny"
   c.student.dtype = "float32"
   c.teacher_names = "perception,reasoning,planning"
+  # Teachers wider and deeper than the student (hidden 64, 2 layers), warmed up with plain CE.
   tiny_teacher = dict(preset="tiny", checkpoint="", dtype="float32", param_dtype="", tokenizer="")
   c.teachers = ml_collections.ConfigDict()
   c.teachers.perception = ml_collections.ConfigDict(
-    dict(tiny_teacher, text_overrides=dict(hidden_size=96, num_layers=3, intermediate_size=192))
+    dict(tiny_teacher, text_overrides=dict(hidden_size=128, num_layers=3, intermediate_size=256))
   )
   c.teachers.reasoning = ml_collections.ConfigDict(
-    dict(tiny_teacher, text_overrides=dict(hidden_size=96, num_layers=4, intermediate_size=192))
+    dict(tiny_teacher, text_overrides=dict(hidden_size=128, num_layers=4, intermediate_size=256))
   )
   c.teachers.planning = ml_collections.ConfigDict(
-    dict(tiny_teacher, text_overrides=dict(hidden_size=96, num_layers=3, intermediate_size=192))
+    dict(tiny_teacher, text_overrides=dict(hidden_size=128, num_layers=3, intermediate_size=256))
   )
+  c.teacher_warmup.steps = 100
+  c.teacher_warmup.learning_rate = 3e-3
+  c.teacher_warmup.warmup_steps = 10
+  c.teacher_warmup.batch_size = 8
+  c.teacher_warmup.log_every = 25
 
   c.distill.capabilities = ("perception", "reasoning", "planning")
   c.distill.teacher_for = (0, 1, 2)
@@ -80,4 +86,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.eval.batch_size = 8
   c.eval.max_new_tokens = 32
   c.eval.max_examples = 32
+  c.eval.teachers = True
   return c

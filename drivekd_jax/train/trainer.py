@@ -626,6 +626,18 @@ def model_config(entry: Any, tokenizer: Any = None):
   )
 
 
+def processor_for(config: Any, tokenizer: Any, model_cfg: Any):
+  """The processor that feeds a model of `model_cfg` (image size, tokens per image)."""
+  from drivekd_jax.data.processor import Processor
+
+  return Processor.for_model(
+    tokenizer,
+    model_cfg,
+    max_tiles=int(config.data.get("max_tiles", 1)),
+    system_message=config.data.get("system_message", "") or None,
+  )
+
+
 def build_model(entry: Any, tokenizer: Any, mesh, rules, seed: int):
   """A sharded InternVL: loaded from `entry.checkpoint`, or born sharded from a preset."""
   from flax import nnx
@@ -652,6 +664,180 @@ def _shardings_of(tree: Any) -> Any:
   return jax.tree.map(lambda x: x.sharding, tree)
 
 
+# ---------------------------------------------------------------------------------------------
+# Teacher warm-up
+# ---------------------------------------------------------------------------------------------
+
+
+def _warmup_settings(config: Any, entry: Any) -> dict:
+  """What determines a warmed teacher (stored beside it; a mismatch refuses to reuse it)."""
+  warm = config.teacher_warmup
+  return {
+    "steps": int(warm.steps),
+    "learning_rate": float(warm.learning_rate),
+    "warmup_steps": int(warm.get("warmup_steps", 0)),
+    "grad_clip_norm": float(warm.get("grad_clip_norm", 0.0)),
+    "batch_size": int(warm.get("batch_size", 0) or config.data.batch_size),
+    "seed": int(config.seed),
+    "shuffle_seed": int(config.data.get("shuffle_seed", config.seed)),
+    "preset": entry.preset,
+    "text_overrides": dict(entry.get("text_overrides", {}) or {}),
+    "dtype": entry.get("dtype", "float32"),
+  }
+
+
+def make_ce_step(graphdef: Any, tx: optax.GradientTransformation) -> Callable:
+  """Pure `(params, frozen, opt_state, batch) -> (params, opt_state, loss)`: one CE update.
+
+  `params` / `frozen` are the `nnx.Param` / remaining states of a model of `graphdef`; the batch
+  is a training batch (`[B, L]` fields, `pixel_values [B, M, H, W, 3]`, `example_mask [B]`).
+  """
+  from flax import nnx
+
+  from drivekd_jax.distill import losses
+
+  def loss_fn(params, frozen, batch):
+    model = nnx.merge(graphdef, params, frozen)
+    attention = batch["attention_mask"].astype(bool)
+    out = model(
+      batch["input_ids"],
+      batch["pixel_values"],
+      attention_mask=attention,
+      positions=batch["positions"],
+    )
+    return losses.cross_entropy(
+      out.logits, batch["labels"], attention, batch["example_mask"].astype(bool)
+    )
+
+  def step(params, frozen, opt_state, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(params, frozen, batch)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return step
+
+
+def warm_up_teacher(
+  name: str,
+  model: Any,
+  config: Any,
+  data: DataBundle,
+  processor: Any,
+  mesh,
+  rules,
+  workdir: str,
+  compiled_steps: dict | None = None,
+) -> Any:
+  """Trains a preset-built teacher with plain CE on the training split, or reloads that result.
+
+  The warmed parameters are saved once to `<workdir>/teachers/<name>/` (Orbax, with a
+  `warmup.json` holding the settings and the loss curve); a relaunch with the same settings
+  restores them instead of training again, so resumed runs distil from identical teachers.
+
+  `compiled_steps` (graphdef -> jitted step) lets teachers of one architecture share a
+  compilation (their warm-up settings are the same, so their steps are the same function).
+
+  Returns:
+    The (possibly restored) teacher module; the caller freezes it by passing its state as a
+    step input.
+  """
+  import orbax.checkpoint as ocp
+  from flax import nnx
+  from ml_collections import ConfigDict
+
+  from drivekd_jax.data import pipeline as pipeline_lib
+
+  settings = _warmup_settings(config, config.teachers[name])
+  folder = os.path.join(os.path.abspath(workdir), "teachers", name)
+  marker = os.path.join(folder, "warmup.json")
+  graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
+  shardings = _shardings_of(params)
+  if os.path.exists(marker):
+    with open(marker) as f:
+      stored = json.load(f)
+    if stored["settings"] != json.loads(json.dumps(settings)):
+      raise ValueError(
+        f"{marker} holds teacher {name!r} warmed with other settings ({stored['settings']}, now "
+        f"{settings}); use a new workdir or delete {folder}"
+      )
+    target = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings
+    )
+    with ocp.StandardCheckpointer() as checkpointer:
+      params = checkpointer.restore(os.path.join(folder, "params"), target)
+    print(
+      f"Teacher {name}: reusing its warm-up ({settings['steps']} steps, final CE "
+      f"{stored['loss'][-1][1]:.3f}) from {folder}",
+      flush=True,
+    )
+    return nnx.merge(graphdef, params, frozen)
+
+  steps = settings["steps"]
+  tx, _ = build_optimizer(
+    ConfigDict(
+      dict(
+        learning_rate=settings["learning_rate"],
+        warmup_steps=settings["warmup_steps"],
+        grad_clip_norm=settings["grad_clip_norm"],
+      )
+    ),
+    steps,
+  )
+  repl = sharding_lib.replicated(mesh)
+  opt_shardings = sharding_lib.optimizer_state_shardings(
+    tx, jax.eval_shape(tx.init, params), shardings, mesh
+  )
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+  pipeline_config = dataclasses.replace(
+    data.pipeline_config, batch_size=settings["batch_size"], seed=settings["shuffle_seed"]
+  )
+  iterator = pipeline_lib.TrainingPipeline(
+    data.train_source, processor, pipeline_config, source_name=data.train_name
+  ).iterator()
+  compiled_steps = {} if compiled_steps is None else compiled_steps
+  compiled = compiled_steps.get(graphdef)
+  frozen_shardings = _shardings_of(frozen)
+  log_every = max(1, int(config.teacher_warmup.get("log_every", 50)))
+  curve, window = [], []
+  started = time.time()
+  for step in range(1, steps + 1):
+    host_batch = next(iterator)
+    if compiled is None:
+      batch_shardings = _step_shardings(mesh, rules, host_batch)
+      compiled = jax.jit(
+        make_ce_step(graphdef, tx),
+        in_shardings=(shardings, frozen_shardings, opt_shardings, batch_shardings),
+        out_shardings=(shardings, opt_shardings, repl),
+        donate_argnums=(0, 2),
+      )
+      compiled_steps[graphdef] = compiled
+    batch = pipeline_lib.make_global_batch(
+      host_batch, _step_shardings(mesh, rules, host_batch), pad_id=data.tokenizer.pad_id
+    )
+    params, opt_state, loss = compiled(params, frozen, opt_state, batch)
+    window.append(loss)
+    if step == 1 or step % log_every == 0 or step == steps:
+      mean = float(np.mean([float(x) for x in window]))
+      if not np.isfinite(mean):
+        raise NonFiniteError(f"teacher {name!r} warm-up: non-finite CE at step {step}")
+      curve.append((step, mean))
+      window = []
+      logging.info("teacher %s warm-up step %d/%d: CE %.4f", name, step, steps, mean)
+      print(f"Teacher {name} warm-up step {step}/{steps}: CE {mean:.4f}", flush=True)
+  seconds = time.time() - started
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(os.path.join(folder, "params"), params, force=True)
+    checkpointer.wait_until_finished()
+
+  def write_marker():
+    with open(marker + ".tmp", "w") as f:
+      json.dump({"settings": settings, "loss": curve, "seconds": round(seconds, 1)}, f, indent=2)
+    os.replace(marker + ".tmp", marker)
+
+  _on_process_zero_then_barrier(f"drivekd_teacher_{name}", write_marker)
+  return nnx.merge(graphdef, params, frozen)
+
+
 @dataclasses.dataclass
 class Experiment:
   """Everything `run` assembles before the loop."""
@@ -670,6 +856,8 @@ class Experiment:
   state: Any
   state_shardings: Any
   step_fn: Any
+  teacher_graphdefs: tuple = ()
+  warmed_teachers: tuple[str, ...] = ()  # teachers trained by the warm-up (or reloaded from it)
 
 
 def teacher_names(config: Any) -> tuple[str, ...]:
@@ -692,7 +880,6 @@ def build_experiment(config: Any, workdir: str) -> Experiment:
   """Mesh, data, student, teachers, optimizer, state and the step of a Drive-KD run."""
   from flax import nnx
 
-  from drivekd_jax.data.processor import Processor
   from drivekd_jax.data.tokenizer import check_same_tokenizer
   from drivekd_jax.distill import agp as agp_lib
   from drivekd_jax.distill.signals import DistillConfig
@@ -713,17 +900,19 @@ def build_experiment(config: Any, workdir: str) -> Experiment:
   # Built outside `jax.set_mesh`: with a mesh in context NNX would read logical names as mesh
   # axes; the rules table maps them instead.
   student, student_cfg = build_model(config.student, data.tokenizer, mesh, rules, config.seed)
-  data.processor = Processor.for_model(
-    data.tokenizer,
-    student_cfg,
-    max_tiles=int(config.data.get("max_tiles", 1)),
-    system_message=config.data.get("system_message", "") or None,
-  )
-  teachers = []
+  data.processor = processor_for(config, data.tokenizer, student_cfg)
+  teachers, warmed, compiled_warmup = [], [], {}
+  warmup_steps = int(config.get("teacher_warmup", {}).get("steps", 0))
   for i, name in enumerate(teacher_names(config)):
-    teachers.append(
-      build_model(config.teachers[name], data.tokenizer, mesh, rules, config.seed + 1 + i)
-    )
+    entry = config.teachers[name]
+    model, cfg = build_model(entry, data.tokenizer, mesh, rules, config.seed + 1 + i)
+    if warmup_steps > 0 and not entry.get("checkpoint", ""):
+      processor = processor_for(config, data.tokenizer, cfg)
+      model = warm_up_teacher(
+        name, model, config, data, processor, mesh, rules, workdir, compiled_warmup
+      )
+      warmed.append(name)
+    teachers.append((model, cfg))
   teacher_cfgs = tuple(cfg for _, cfg in teachers)
   teacher_graphdefs, teacher_states = [], []
   for model, _ in teachers:
@@ -803,6 +992,8 @@ def build_experiment(config: Any, workdir: str) -> Experiment:
     state,
     state_shardings,
     step_fn,
+    tuple(teacher_graphdefs),
+    tuple(warmed),
   )
 
 
@@ -812,22 +1003,24 @@ def _config_json(config: Any) -> str:
   )
 
 
-def evaluate_student(
-  config: Any, workdir: str, exp: Experiment, state: Any, facts: Mapping[str, Any] | None = None
+def evaluate_model(
+  config: Any,
+  out_dir: str,
+  exp: Experiment,
+  model: Any,
+  processor: Any,
+  facts: Mapping[str, Any] | None = None,
 ) -> dict:
-  """Answers and scores the test split with the student held in `state`."""
-  from flax import nnx
-
+  """Answers and scores the test split with `model`; writes the summary files into `out_dir`."""
   from drivekd_jax.train import evaluate as evaluate_lib
 
   ev = config.eval
-  model = nnx.merge(exp.student_graphdef, state.params["student"], state.frozen)
   return evaluate_lib.evaluate(
     model,
-    exp.data.processor,
+    processor,
     exp.data.tokenizer,
     exp.data.test_source,
-    workdir,
+    out_dir,
     batch_size=int(ev.batch_size),
     buckets=tuple(int(b) for b in exp.data.pipeline_config.buckets),
     max_images=exp.data.pipeline_config.max_images,
@@ -836,6 +1029,36 @@ def evaluate_student(
     source_name=exp.data.test_name,
     facts=facts,
   )
+
+
+def evaluate_student(
+  config: Any, workdir: str, exp: Experiment, state: Any, facts: Mapping[str, Any] | None = None
+) -> dict:
+  """Answers and scores the test split with the student held in `state`."""
+  from flax import nnx
+
+  model = nnx.merge(exp.student_graphdef, state.params["student"], state.frozen)
+  return evaluate_model(config, workdir, exp, model, exp.data.processor, facts)
+
+
+def evaluate_teachers(config: Any, workdir: str, exp: Experiment) -> dict:
+  """Scores every teacher like the student; summaries go to `<workdir>/teachers/<name>/`.
+
+  Returns:
+    {teacher name: its "overall" scores}.
+  """
+  from flax import nnx
+
+  out = {}
+  for i, name in enumerate(teacher_names(config)):
+    model = nnx.merge(exp.teacher_graphdefs[i], exp.teacher_states[i])
+    processor = processor_for(config, exp.data.tokenizer, exp.teacher_configs[i])
+    facts = {"teacher": name, "warmed_up": name in exp.warmed_teachers}
+    summary = evaluate_model(
+      config, os.path.join(workdir, "teachers", name), exp, model, processor, facts
+    )
+    out[name] = summary["by_capability"]["overall"]
+  return out
 
 
 def run(config: Any, workdir: str) -> dict:
@@ -919,12 +1142,16 @@ def run(config: Any, workdir: str) -> dict:
   }
   if result.preempted or not config.eval.get("after_training", True):
     return out
+  teacher_scores = {}
+  if config.eval.get("teachers", False):
+    teacher_scores = {"teachers": evaluate_teachers(config, workdir, exp)}
   out["eval"] = evaluate_student(
     config,
     workdir,
     exp,
     result.state,
     facts={
+      **teacher_scores,
       "checkpoint_step": result.step,
       "train_source": data.train_name,
       "student": config.student.get("checkpoint", "") or config.student.preset,
@@ -1030,7 +1257,16 @@ def default_config():
 
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, async_save=True))
 
+  # teachers: also score every teacher with the same evaluator (`eval_summary.json` "teachers").
   c.eval = ml_collections.ConfigDict(
-    dict(after_training=True, batch_size=8, max_new_tokens=64, max_examples=0)
+    dict(after_training=True, batch_size=8, max_new_tokens=64, max_examples=0, teachers=False)
+  )
+
+  # Plain-CE training of preset-built teachers before distillation (0 steps: none; teachers
+  # loaded from checkpoints are never warmed). batch_size 0: config.data.batch_size.
+  c.teacher_warmup = ml_collections.ConfigDict(
+    dict(
+      steps=0, learning_rate=3e-3, warmup_steps=10, grad_clip_norm=1.0, batch_size=0, log_every=50
+    )
   )
   return c
