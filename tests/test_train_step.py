@@ -78,10 +78,15 @@ def test_stacked_gradients_equal_separate_grads(models):
     vec, pullback = jax.vjp(fn, params)
     (stacked,) = jax.vmap(pullback)(jnp.eye(4))
     separate = [jax.grad(lambda p, i=i: fn(p)[i])(params) for i in range(4)]
-    return vec, stacked, separate
+    # The step's path: head (final norm, LM head, CE) pulled back once, the trunk vmapped.
+    split = step_lib._weighted_gradients(plan, params, state.frozen, mb, touts, mixing, weights)
+    return vec, stacked, separate, split
 
-  vec, stacked, separate = both(state.params)
+  weights = jnp.asarray([0.7, 1.3, 2.0, 0.5])
+  assert plan.trunk_request is not None  # attention signals only: the head is split off
+  vec, stacked, separate, (split_vec, split_stacked, _) = both(state.params)
   assert np.all(np.asarray(vec) > 0)
+  np.testing.assert_allclose(split_vec, vec, rtol=1e-6)
   for i in range(4):
     jax.tree.map(
       lambda s, g, i=i: np.testing.assert_allclose(
@@ -90,6 +95,16 @@ def test_stacked_gradients_equal_separate_grads(models):
       stacked,
       separate[i],
     )
+    jax.tree.map(
+      lambda s, g, i=i: np.testing.assert_allclose(
+        s[i], weights[i] * g, rtol=1e-4, atol=1e-4 * float(np.abs(weights[i] * g).max()) + 1e-12
+      ),
+      split_stacked,
+      separate[i],
+    )
+    # The AGP all-zero-leaf rule sees the same leaves: one a loss never reaches stays exactly 0.
+    for s_leaf, g_leaf in zip(jax.tree.leaves(split_stacked), jax.tree.leaves(separate[i])):
+      assert np.any(np.asarray(s_leaf[i])) == np.any(np.asarray(g_leaf))
   # Every loss reaches the student; perception (first layer only) never reaches the last layer.
   grads_p = jax.tree_util.tree_flatten_with_path(separate[1]["student"])[0]
   grads_p = [

@@ -12,6 +12,8 @@ Inside, for each micro-batch of `config.microbatch_size` samples (official: 1), 
      L_k is the batch mean of the per-sample loss times the sample's mixing coefficient;
   3. one `jax.vjp` and a vmap of its pullback over the rows of diag(w) (w = static or dynamic
      loss weights) give the stacked weighted gradients `[1+K, *param]` in one backward pass;
+     the LM head (final norm, `[D, V]` projection), which only the CE reaches, is split off
+     and pulled back once, for the CE row only (`_weighted_gradients`);
   4. the optax chain (AGP -> accumulate -> AdamW) turns them into an update; a micro-batch with a
      non-finite loss or gradient is skipped and counted, a micro-batch of padding examples only
      is skipped silently;
@@ -136,6 +138,9 @@ class _Plan:
   teacher_logits: tuple[bool, ...]
   resolved: tuple[signals_lib.ResolvedSignal, ...]
   reweighter: Reweighter
+  # The student request plus the last block's output (the pre-head hidden state); None when the
+  # head cannot be split off (a logit-KD signal reads the student logits, or no signal is active).
+  trunk_request: Any = None
 
 
 def _signal_loss(sig: signals_lib.ResolvedSignal, student_out, teacher_out, mb, aux):
@@ -190,21 +195,85 @@ def _teacher_outputs(plan: _Plan, teacher_states, mb):
   return outs
 
 
-def _loss_vector(plan: _Plan, params, frozen, mb, teacher_outs, mixing):
-  """([L_sup, mixed L_k...], (raw per-loss values, effective mixing coefficients))."""
-  model = nnx.merge(plan.student_graphdef, params["student"], frozen)
-  out = _model_call(model, mb, plan.student_request)
+def _capability_losses(plan: _Plan, out, mb, teacher_outs, mixing, aux):
+  """Lists of (mixed L_k, raw L_k, effective mixing coefficient) over the active signals."""
   ex = mb["example_mask"].astype(bool)
-  ce = losses.cross_entropy(out.logits, mb["labels"], mb["attention_mask"].astype(bool), ex)
-  mixed, raw, mix_eff = [ce], [ce], [jnp.ones((), jnp.float32)]
+  mixed, raw, mix_eff = [], [], []
   rows = mixing[mb["capability"]]
   for sig in plan.resolved:
-    per_sample = _signal_loss(sig, out, teacher_outs[sig.teacher], mb, params["aux"])
+    per_sample = _signal_loss(sig, out, teacher_outs[sig.teacher], mb, aux)
     column = rows[:, signals_lib.CAPABILITIES.index(sig.capability)]
     mixed.append(losses.masked_batch_mean(per_sample, column, ex))
     raw.append(losses.masked_batch_mean(per_sample, None, ex))
     mix_eff.append(losses.masked_batch_mean(column, None, ex))
-  return jnp.stack(mixed), (jnp.stack(raw), jnp.stack(mix_eff))
+  return mixed, raw, mix_eff
+
+
+def _student_ce(logits, mb):
+  ex = mb["example_mask"].astype(bool)
+  return losses.cross_entropy(logits, mb["labels"], mb["attention_mask"].astype(bool), ex)
+
+
+def _loss_vector(plan: _Plan, params, frozen, mb, teacher_outs, mixing):
+  """([L_sup, mixed L_k...], (raw per-loss values, effective mixing coefficients))."""
+  model = nnx.merge(plan.student_graphdef, params["student"], frozen)
+  out = _model_call(model, mb, plan.student_request)
+  ce = _student_ce(out.logits, mb)
+  mixed, raw, mix_eff = _capability_losses(plan, out, mb, teacher_outs, mixing, params["aux"])
+  one = jnp.ones((), jnp.float32)
+  return jnp.stack([ce] + mixed), (jnp.stack([ce] + raw), jnp.stack([one] + mix_eff))
+
+
+def _weighted_gradients(plan: _Plan, params, frozen, mb, teacher_outs, mixing, weights):
+  """The loss vector, the stacked weighted gradients `[1+K, *param]` and the aux of the step.
+
+  Row i of the stack is `weights[i] * d(loss_i)/d(params)`. Without a head split this is one
+  VJP of `_loss_vector` and its pullback vmapped over the rows of diag(weights). With the split
+  (`plan.trunk_request`), the student is differentiated as trunk (embeddings, vision, blocks ->
+  pre-head hidden state and the capability losses) and head (final norm, LM head, CE): only the
+  CE reaches the head, so the head is pulled back once, for row 0, and its input cotangent
+  joins row 0 of the one vmapped trunk pullback. The math is the same; the capability rows
+  simply skip the `[L, D] x [D, V]` head that their zero cotangent would have crossed.
+
+  Returns:
+    (vec `[1+K]`, stacked gradients, (raw `[1+K]`, mix_eff `[1+K]`)).
+  """
+  if plan.trunk_request is None:
+    fn = lambda p: _loss_vector(plan, p, frozen, mb, teacher_outs, mixing)
+    vec, pullback, aux = jax.vjp(fn, params, has_aux=True)
+    (stacked,) = jax.vmap(pullback)(jnp.diag(weights))
+    return vec, stacked, aux
+  last = max(plan.trunk_request.hidden_layers)  # resolved: the last block's index
+
+  def trunk(p):
+    model = nnx.merge(plan.student_graphdef, p["student"], frozen)
+    out = _model_call(model, mb, plan.trunk_request)  # its logits are dead code under jit
+    mixed, raw, mix_eff = _capability_losses(plan, out, mb, teacher_outs, mixing, p["aux"])
+    return (out.hidden_states[last], jnp.stack(mixed)), (jnp.stack(raw), jnp.stack(mix_eff))
+
+  def head(p, hidden):
+    decoder = nnx.merge(plan.student_graphdef, p["student"], frozen).language_model
+    return _student_ce(decoder.logits(decoder.norm(hidden)), mb)
+
+  (hidden, cap_vec), trunk_pullback, (raw, mix_eff) = jax.vjp(trunk, params, has_aux=True)
+  ce, head_pullback = jax.vjp(head, params, hidden)
+  head_grads, d_hidden = head_pullback(weights[0])
+  hidden_rows = jnp.zeros((weights.shape[0],) + hidden.shape, hidden.dtype).at[0].set(d_hidden)
+  (stacked,) = jax.vmap(trunk_pullback)((hidden_rows, jnp.diag(weights)[:, 1:]))
+  stacked = jax.tree.map(lambda s, h: s.at[0].add(h), stacked, head_grads)
+  one = jnp.ones((1,), jnp.float32)
+  vec = jnp.concatenate([ce[None], cap_vec])
+  return vec, stacked, (jnp.concatenate([ce[None], raw]), jnp.concatenate([one, mix_eff]))
+
+
+def _trunk_request(student_request, resolved, num_layers: int):
+  """The student request plus the last block's output, or None where the head cannot be split
+  off: no capability signal (nothing to save), or a logit-KD signal (it reads the head too)."""
+  if not resolved or any(r.signal.kind == "logit_kl" for r in resolved):
+    return None
+  request = student_request.resolve(num_layers)
+  hidden = tuple(sorted(set(request.hidden_layers) | {num_layers - 1}))
+  return dataclasses.replace(request, hidden_layers=hidden)
 
 
 def _slot_sq_norms(stacked):
@@ -266,6 +335,7 @@ def make_train_step(
   s_layers = student_config.text.num_layers
   student_request, teacher_requests = signals_lib.map_requests(config, s_layers, t_layers)
   logits_needed = signals_lib.needs_teacher_logits(config)
+  resolved = signals_lib.resolve_signals(config, s_layers, t_layers)
   plan = _Plan(
     config=config,
     student_graphdef=student_graphdef,
@@ -275,8 +345,9 @@ def make_train_step(
     teacher_logits=tuple(
       logits_needed[i] if i < len(logits_needed) else False for i in range(len(t_layers))
     ),
-    resolved=signals_lib.resolve_signals(config, s_layers, t_layers),
+    resolved=resolved,
     reweighter=reweighter_for(config),
+    trunk_request=_trunk_request(student_request, resolved, s_layers),
   )
   num_losses = 1 + len(plan.resolved)
   names = ("sup",) + tuple(r.capability for r in plan.resolved)
@@ -286,10 +357,10 @@ def make_train_step(
   def microstep(carry, mb, teacher_states, mixing):
     params, opt_state, rw, skipped, in_row, frozen = carry
     teacher_outs = _teacher_outputs(plan, teacher_states, mb)
-    fn = lambda p: _loss_vector(plan, p, frozen, mb, teacher_outs, mixing)
-    vec, pullback, (raw, mix_eff) = jax.vjp(fn, params, has_aux=True)
     weights = jax.lax.stop_gradient(plan.reweighter.weights(rw))
-    (stacked,) = jax.vmap(pullback)(jnp.diag(weights))
+    vec, stacked, (raw, mix_eff) = _weighted_gradients(
+      plan, params, frozen, mb, teacher_outs, mixing, weights
+    )
     sq = _slot_sq_norms(stacked)
     finite = jnp.all(jnp.isfinite(vec)) & jnp.all(jnp.isfinite(sq))
     valid = jnp.any(mb["example_mask"])
