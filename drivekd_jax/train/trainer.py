@@ -1,10 +1,12 @@
 """The Drive-KD trainer: `run(config, workdir)` for `task = "drivekd.train"`.
 
 Phases: mesh and rules -> data (synthetic data generated into the workdir when the config asks)
--> student born sharded, teachers sharded by the same rules and frozen -> optimizer (AGP ->
+-> student born sharded, teachers sharded by the same rules, preset-built teachers warmed up with
+plain CE when `config.teacher_warmup.steps` > 0 (saved once under `<workdir>/teachers/<name>/`,
+reloaded by later launches), then frozen -> optimizer (AGP ->
 MultiSteps(clip -> AdamW with warmup-cosine)) -> train state -> restore the latest checkpoint ->
 jitted, donated, non-finite-guarded step loop with metrics, checkpoints and SIGTERM handling ->
-final checkpoint -> evaluation summary.
+final checkpoint -> evaluation summary (of the teachers too when `config.eval.teachers`).
 
 `train_loop` is the model-agnostic core; `run` wires the Drive-KD pieces into it.
 """
