@@ -141,6 +141,7 @@ class _Plan:
   # The student request plus the last block's output (the pre-head hidden state); None when the
   # head cannot be split off (a logit-KD signal reads the student logits, or no signal is active).
   trunk_request: Any = None
+  head_tied: bool = False  # the student's LM head is its token embedding
 
 
 def _signal_loss(sig: signals_lib.ResolvedSignal, student_out, teacher_out, mb, aux):
@@ -251,19 +252,43 @@ def _weighted_gradients(plan: _Plan, params, frozen, mb, teacher_outs, mixing, w
     mixed, raw, mix_eff = _capability_losses(plan, out, mb, teacher_outs, mixing, p["aux"])
     return (out.hidden_states[last], jnp.stack(mixed)), (jnp.stack(raw), jnp.stack(mix_eff))
 
-  def head(p, hidden):
+  # Only the head's own leaves are differentiated by the head VJP (no zero-filled full tree).
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  is_head = [_is_head_leaf(path, plan.head_tied) for path, _ in leaves]
+
+  def head(head_leaves, hidden):
+    it = iter(head_leaves)
+    p = treedef.unflatten([next(it) if h else v for (_, v), h in zip(leaves, is_head)])
     decoder = nnx.merge(plan.student_graphdef, p["student"], frozen).language_model
     return _student_ce(decoder.logits(decoder.norm(hidden)), mb)
 
   (hidden, cap_vec), trunk_pullback, (raw, mix_eff) = jax.vjp(trunk, params, has_aux=True)
-  ce, head_pullback = jax.vjp(head, params, hidden)
+  head_params = [v for (_, v), h in zip(leaves, is_head) if h]
+  ce, head_pullback = jax.vjp(head, head_params, hidden)
   head_grads, d_hidden = head_pullback(weights[0])
   hidden_rows = jnp.zeros((weights.shape[0],) + hidden.shape, hidden.dtype).at[0].set(d_hidden)
   (stacked,) = jax.vmap(trunk_pullback)((hidden_rows, jnp.diag(weights)[:, 1:]))
-  stacked = jax.tree.map(lambda s, h: s.at[0].add(h), stacked, head_grads)
+  it = iter(head_grads)
+  stacked = treedef.unflatten(
+    [s.at[0].add(next(it)) if h else s for s, h in zip(treedef.flatten_up_to(stacked), is_head)]
+  )
   one = jnp.ones((1,), jnp.float32)
   vec = jnp.concatenate([ce[None], cap_vec])
   return vec, stacked, (jnp.concatenate([ce[None], raw]), jnp.concatenate([one, mix_eff]))
+
+
+def _path_names(path) -> tuple:
+  return tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
+
+
+def _is_head_leaf(path, tied: bool) -> bool:
+  """A trainable leaf of the student's head: `language_model.{norm, lm_head}` (the embedding
+  too when the head is tied to it)."""
+  names = _path_names(path)
+  if len(names) < 3 or names[0] != "student" or names[1] != "language_model":
+    return False
+  parts = ("norm", "lm_head") + (("embed_tokens",) if tied else ())
+  return names[2] in parts
 
 
 def _trunk_request(student_request, resolved, num_layers: int):
@@ -348,6 +373,7 @@ def make_train_step(
     resolved=resolved,
     reweighter=reweighter_for(config),
     trunk_request=_trunk_request(student_request, resolved, s_layers),
+    head_tied=student_config.text.tie_word_embeddings,
   )
   num_losses = 1 + len(plan.resolved)
   names = ("sup",) + tuple(r.capability for r in plan.resolved)
