@@ -32,6 +32,7 @@ from drivekd_jax.models.qwen2 import Decoder
 from drivekd_jax.train import metrics as metrics_lib
 from drivekd_jax.train import sharding as sharding_lib
 from drivekd_jax.train import trainer
+from drivekd_jax.train.optimizer import build_optimizer
 
 CONFIG = DecoderConfig(
   vocab_size=64, hidden_size=16, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=32
@@ -69,7 +70,7 @@ def make_experiment(mesh, opt_overrides=None):
   )
   from ml_collections import ConfigDict
 
-  tx, _ = trainer.build_optimizer(ConfigDict(opt), num_steps=20)
+  tx, _ = build_optimizer(ConfigDict(opt), num_steps=20)
   param_shardings = jax.tree.map(lambda x: x.sharding, params)
   opt_state = jax.jit(
     tx.init,

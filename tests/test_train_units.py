@@ -10,8 +10,9 @@ from ml_collections import ConfigDict
 
 from drivekd_jax.models import presets
 from drivekd_jax.train import checkpoint as ckpt_lib
-from drivekd_jax.train import distributed, evaluate, trainer
+from drivekd_jax.train import distributed, evaluate
 from drivekd_jax.train import metrics as metrics_lib
+from drivekd_jax.train import optimizer as optimizer_lib
 from drivekd_jax.train import sharding as sharding_lib
 
 
@@ -80,11 +81,11 @@ def test_checkpoint_roundtrip_keeps_values_shardings_keys_and_data_state(tmp_pat
 
 def test_schedule_warmup_cosine_floor_and_constant():
   cfg = ConfigDict(dict(learning_rate=1.0, warmup_steps=10, lr_floor_ratio=0.1))
-  schedule = trainer.learning_rate_schedule(cfg, 110)
+  schedule = optimizer_lib.learning_rate_schedule(cfg, 110)
   assert float(schedule(0)) == 0.0 and float(schedule(10)) == pytest.approx(1.0)
   assert float(schedule(110)) == pytest.approx(0.1)
   assert float(schedule(60)) == pytest.approx(0.55, abs=1e-3)
-  const = trainer.learning_rate_schedule(
+  const = optimizer_lib.learning_rate_schedule(
     ConfigDict(dict(learning_rate=0.5, schedule="constant")), 9
   )
   assert float(const(5)) == 0.5

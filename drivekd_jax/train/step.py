@@ -32,26 +32,19 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from flax import nnx
 
+from drivekd_jax.data.pipeline import BATCH_KEYS
 from drivekd_jax.distill import agp as agp_lib
 from drivekd_jax.distill import losses
 from drivekd_jax.distill import signals as signals_lib
 from drivekd_jax.distill.reweight import Reweighter
 from drivekd_jax.models.config import InternVLConfig
+from drivekd_jax.train import optimizer as optimizer_lib
 from drivekd_jax.train import state as state_lib
 
-BATCH_KEYS = (
-  "input_ids",
-  "labels",
-  "attention_mask",
-  "image_mask",
-  "positions",
-  "pixel_values",
-  "capability",
-  "example_mask",
-)
 LOSS_NAMES = ("sup",) + signals_lib.CAPABILITIES
 
 
@@ -72,23 +65,42 @@ def reweighter_for(config: signals_lib.DistillConfig) -> Reweighter:
   )
 
 
+def gradient_combiner(config: signals_lib.DistillConfig) -> optax.GradientTransformation:
+  """The AGP transformation (in `config.agp_mode`) over the stacked `[1+K, ...]` gradients."""
+  return agp_lib.asymmetric_gradient_projection(
+    mode=config.agp_mode, seed=config.agp_seed, num_capabilities=len(config.active)
+  )
+
+
 def make_optimizer(
   config: signals_lib.DistillConfig,
-  learning_rate: float | optax.Schedule = 5e-5,
+  learning_rate: float = 5e-5,
   *,
   b1: float = 0.9,
   b2: float = 0.999,
   eps: float = 1e-8,
   weight_decay: float = 0.0,
 ) -> optax.GradientTransformation:
-  """`chain(AGP, MultiSteps(AdamW, grad_accum_steps))` with the official defaults (§3.5)."""
-  combiner = agp_lib.asymmetric_gradient_projection(
-    mode=config.agp_mode, seed=config.agp_seed, num_capabilities=len(config.active)
+  """`chain(AGP, MultiSteps(AdamW, grad_accum_steps))` with the official defaults (§3.5).
+
+  The trainer's builder with a constant learning rate and no clipping, as the official code runs.
+  """
+  opt = ml_collections.ConfigDict(
+    dict(
+      learning_rate=learning_rate,
+      b1=b1,
+      b2=b2,
+      eps=eps,
+      weight_decay=weight_decay,
+      schedule="constant",
+      grad_clip_norm=0.0,
+      accumulation_steps=config.grad_accum_steps,
+    )
   )
-  inner = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
-  if config.grad_accum_steps > 1:
-    inner = optax.MultiSteps(inner, config.grad_accum_steps).gradient_transformation()
-  return optax.chain(combiner, inner)
+  tx, _ = optimizer_lib.build_optimizer(
+    opt, num_steps=config.grad_accum_steps, gradient_combiner=gradient_combiner(config)
+  )
+  return tx
 
 
 def init_train_state(
