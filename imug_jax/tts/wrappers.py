@@ -17,6 +17,7 @@ All randomness comes from the `rng` key passed to `respond` (split per internal 
 
 from __future__ import annotations
 
+import abc
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -42,7 +43,9 @@ def split(rng: Any, count: int) -> list[Any]:
   return list(jax.random.split(rng, count))
 
 
-class _Wrapper:
+class _Wrapper(abc.ABC):
+  """A `UnifiedModel` that passes text turns through and changes how image turns are made."""
+
   suffix = "tts"
 
   def __init__(self, model: UnifiedModel):
@@ -61,8 +64,9 @@ class _Wrapper:
       return self._call(history, output_mode, temperature, rng)
     return self._image(list(history), temperature, rng)
 
+  @abc.abstractmethod
   def _image(self, history: list[Message], temperature: float, rng: Any) -> Response:
-    raise NotImplementedError
+    """The response to an image turn, `history` ending with its user message."""
 
 
 class ChainOfThought(_Wrapper):
