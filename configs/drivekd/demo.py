@@ -47,7 +47,7 @@ eval_summary.json, eval/answers.jsonl, config.json, data/.
 
 import ml_collections
 
-from drivekd_jax.train.trainer import default_config
+from drivekd_jax.train.trainer import default_config, teacher_config
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -72,14 +72,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # Two teachers, both wider and deeper than the student (hidden 64, 2 layers) and of different
   # depths (grouped layer matching); perception and planning share one, so it is warmed once.
   c.teacher_names = "vision,reasoning"
-  tiny_teacher = dict(preset="tiny", checkpoint="", dtype="float32", param_dtype="", tokenizer="")
   c.teachers = ml_collections.ConfigDict()
-  c.teachers.vision = ml_collections.ConfigDict(
-    dict(tiny_teacher, text_overrides=dict(hidden_size=128, num_layers=3, intermediate_size=256))
-  )
-  c.teachers.reasoning = ml_collections.ConfigDict(
-    dict(tiny_teacher, text_overrides=dict(hidden_size=128, num_layers=4, intermediate_size=256))
-  )
+  c.teachers.vision = teacher_config(hidden_size=128, num_layers=3, intermediate_size=256)
+  c.teachers.reasoning = teacher_config(hidden_size=128, num_layers=4, intermediate_size=256)
   c.teacher_warmup.steps = 150
   c.teacher_warmup.learning_rate = 3e-3
   c.teacher_warmup.warmup_steps = 10

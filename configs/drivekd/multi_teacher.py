@@ -23,7 +23,7 @@ Cost: ~1 s per step on 2 CPU cores; the default 600 steps take ~10-15 minutes.
 
 import ml_collections
 
-from drivekd_jax.train.trainer import default_config
+from drivekd_jax.train.trainer import default_config, teacher_config
 
 
 def _args(arg: str) -> dict:
@@ -53,16 +53,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.student.preset = "tiny"
   c.teacher_names = "shared"
   c.teachers = ml_collections.ConfigDict()
-  c.teachers.shared = ml_collections.ConfigDict(
-    dict(
-      preset="tiny",
-      checkpoint="",
-      dtype="float32",
-      param_dtype="",
-      tokenizer="",
-      text_overrides=dict(hidden_size=128, num_layers=4, intermediate_size=256),
-    )
-  )
+  c.teachers.shared = teacher_config(hidden_size=128, num_layers=4, intermediate_size=256)
 
   c.distill.capabilities = ("perception", "reasoning", "planning")
   c.distill.teacher_for = (0, 0, 0)

@@ -38,7 +38,7 @@ is ~2-3 GPU-hours. Multi-host: add `--config.jax_distributed=True` (SLURM/TPU au
 
 import ml_collections
 
-from drivekd_jax.train.trainer import default_config
+from drivekd_jax.train.trainer import default_config, teacher_config
 
 CAPABILITIES = ("perception", "reasoning", "planning")
 
@@ -80,15 +80,8 @@ def get_config(arg: str = "multi") -> ml_collections.ConfigDict:
   c.data.tokenizer = c.student.get_ref("checkpoint")
   c.teacher_names = "shared"
   c.teachers = ml_collections.ConfigDict()
-  c.teachers.shared = ml_collections.ConfigDict(
-    dict(
-      preset="8B",
-      checkpoint="models/InternVL3-8B",
-      dtype="bfloat16",
-      param_dtype="bfloat16",
-      text_overrides={},
-      tokenizer="",
-    )
+  c.teachers.shared = teacher_config(
+    "8B", checkpoint="models/InternVL3-8B", dtype="bfloat16", param_dtype="bfloat16"
   )
   c.teachers.shared.tokenizer = c.teachers.shared.get_ref("checkpoint")
 

@@ -22,7 +22,7 @@ Cost: ~0.5 s per step on 2 CPU cores; the default 400 steps take ~5 minutes.
 
 import ml_collections
 
-from drivekd_jax.train.trainer import default_config
+from drivekd_jax.train.trainer import default_config, teacher_config
 
 CAPABILITIES = ("perception", "reasoning", "planning")
 OFFICIAL = {
@@ -55,16 +55,7 @@ def get_config(arg: str = "planning") -> ml_collections.ConfigDict:
   c.student.preset = "tiny"
   c.teacher_names = "shared"
   c.teachers = ml_collections.ConfigDict()
-  c.teachers.shared = ml_collections.ConfigDict(
-    dict(
-      preset="tiny",
-      checkpoint="",
-      dtype="float32",
-      param_dtype="",
-      tokenizer="",
-      text_overrides=dict(hidden_size=128, num_layers=4, intermediate_size=256),
-    )
-  )
+  c.teachers.shared = teacher_config(hidden_size=128, num_layers=4, intermediate_size=256)
 
   signal = dict(OFFICIAL[capability])
   kind = args.get("signal", "attention")

@@ -1094,6 +1094,31 @@ def run(config: Any, workdir: str) -> dict:
   return out
 
 
+def teacher_config(
+  preset: str = "tiny",
+  *,
+  checkpoint: str = "",
+  dtype: str = "float32",
+  param_dtype: str = "",
+  tokenizer: str = "",
+  **text_overrides,
+):
+  """One entry of `config.teachers`: a preset (random init, optionally CE warm-up) or a local
+  checkpoint, with decoder fields (`hidden_size=...`, `num_layers=...`) overriding the preset."""
+  import ml_collections
+
+  return ml_collections.ConfigDict(
+    dict(
+      preset=preset,
+      checkpoint=checkpoint,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      tokenizer=tokenizer,
+      text_overrides=dict(text_overrides),
+    )
+  )
+
+
 def default_config():
   """Every key `run` reads, with the official Drive-KD defaults (§3.5) where they exist.
 
