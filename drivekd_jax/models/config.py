@@ -139,8 +139,9 @@ class MapRequest:
         out.append(idx)
       return tuple(sorted(set(out)))
 
-    return MapRequest(fix(self.full_layers), fix(self.text_to_image_layers),
-                      fix(self.hidden_layers))
+    return MapRequest(
+      fix(self.full_layers), fix(self.text_to_image_layers), fix(self.hidden_layers)
+    )
 
   @property
   def empty(self) -> bool:

@@ -231,6 +231,17 @@ class InternVL(nnx.Module):
       tokens_or_mask, num_slots * self.config.tokens_per_image, self.config.image_token_id
     )
 
+  def map_key_positions(
+    self, input_ids: jax.Array, pixel_values: jax.Array | None, cache: KVCache | None = None
+  ) -> jax.Array:
+    """int32 `[B, N]`: the key columns of text-to-image maps (the row's image positions in
+    order, N = `num_image_keys(pixel_values)`), as cache slots when a `cache` is given."""
+    num_keys = 0 if pixel_values is None else self.num_image_keys(pixel_values)
+    key_positions, _ = image_key_positions(input_ids, num_keys, self.config.image_token_id)
+    if cache is not None:
+      key_positions = key_positions + cache.length
+    return key_positions
+
   def init_cache(self, batch_size: int, cache_length: int, dtype=None) -> KVCache:
     return self.language_model.init_cache(batch_size, cache_length, dtype)
 
@@ -261,10 +272,7 @@ class InternVL(nnx.Module):
     embeds = self.embed_inputs(input_ids, pixel_values)
     key_positions = None
     if maps.text_to_image_layers:
-      num_keys = 0 if pixel_values is None else self.num_image_keys(pixel_values)
-      key_positions, _ = image_key_positions(input_ids, num_keys, self.config.image_token_id)
-      if cache is not None:  # with a cache, maps index cache slots
-        key_positions = key_positions + cache.length
+      key_positions = self.map_key_positions(input_ids, pixel_values, cache)
     return self.language_model(
       inputs_embeds=embeds,
       positions=positions,

@@ -164,11 +164,43 @@ def attention(
   scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
   scores = scores * (head_dim**-0.5)
   scores = jnp.where(allowed[:, None, None, :, :], scores, _MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1)
+  probs = softmax(scores)
   out = jnp.einsum("bkgts,bksd->btkgd", probs.astype(v.dtype), v)
   out = out.reshape(batch, length, num_heads, head_dim).astype(q.dtype)
-  head_mean = jnp.mean(probs, axis=(1, 2)) if want_map else None
+  head_mean = None
+  if want_map:
+    # The mean over heads as a product with a 1/H vector: XLA:CPU lowers the plain reduction
+    # over the two head axes several times slower, forward and backward.
+    flat = probs.reshape(batch, num_heads, length * probs.shape[-1])
+    weights = jnp.full((num_heads,), 1.0 / num_heads, jnp.float32)
+    head_mean = jnp.einsum("h,bhx->bx", weights, flat).reshape(batch, length, -1)
   return out, head_mean
+
+
+@jax.custom_vjp
+def softmax(scores: jax.Array) -> jax.Array:
+  """Softmax over the last axis (fp32 in, fp32 out), as `jax.nn.softmax`.
+
+  The backward pass `y * (dy - <y, dy>)` takes the row dot product as a contraction: XLA:CPU runs
+  the sum of a fused product over the last axis (what autodiff of `jax.nn.softmax` emits)
+  several times slower, and attention maps are a large share of a distillation step.
+  """
+  shifted = scores - jnp.max(scores, axis=-1, keepdims=True)
+  exps = jnp.exp(shifted)
+  return exps / jnp.sum(exps, axis=-1, keepdims=True)
+
+
+def _softmax_fwd(scores):
+  probs = softmax(scores)
+  return probs, probs
+
+
+def _softmax_bwd(probs, d_probs):
+  row_dot = jnp.einsum("...s,...s->...", probs, d_probs)
+  return (probs * (d_probs - row_dot[..., None]),)
+
+
+softmax.defvjp(_softmax_fwd, _softmax_bwd)
 
 
 def gather_key_columns(maps: jax.Array, key_positions: jax.Array) -> jax.Array:

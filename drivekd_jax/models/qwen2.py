@@ -23,6 +23,8 @@ Padding, positions and the cache
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -115,6 +117,44 @@ class DecoderOutput:
   full_maps: dict[int, jax.Array] = flax.struct.field(default_factory=dict)
   text_to_image_maps: dict[int, jax.Array] = flax.struct.field(default_factory=dict)
   hidden_states: dict[int, jax.Array] = flax.struct.field(default_factory=dict)
+
+
+@flax.struct.dataclass
+class LayerContext:
+  """What every block of one decoder call shares (`Decoder.layer_context`).
+
+  Attributes:
+    cos, sin: fp32 `[B, T, head_dim]` rotary tables.
+    allowed: bool `[B, T, S]`, query t may attend key s (S = T without a cache).
+    positions: int32 `[B, T]` RoPE positions.
+    write_index: int32 scalar cache slot of the chunk's first token, or None without a cache.
+    key_mask: bool `[B, S]`, the cache's real slots after this chunk, or None without a cache.
+  """
+
+  cos: jax.Array
+  sin: jax.Array
+  allowed: jax.Array
+  positions: jax.Array
+  write_index: jax.Array | None = None
+  key_mask: jax.Array | None = None
+
+
+@flax.struct.dataclass
+class LayerRun:
+  """What `Decoder.run_layers` returns for its range of blocks.
+
+  Attributes:
+    hidden: `[B, T, D]`, the last block's output.
+    full_maps, text_to_image_maps, hidden_states: as in `DecoderOutput`, for the range's layers.
+    cache_k, cache_v: the range's updated cache layers (empty without a cache).
+  """
+
+  hidden: jax.Array
+  full_maps: dict[int, jax.Array]
+  text_to_image_maps: dict[int, jax.Array]
+  hidden_states: dict[int, jax.Array]
+  cache_k: tuple[jax.Array, ...] = ()
+  cache_v: tuple[jax.Array, ...] = ()
 
 
 class Attention(nnx.Module):
@@ -277,6 +317,10 @@ class Decoder(nnx.Module):
       "...d,dv->...v", hidden.astype(self.dtype), kernel, preferred_element_type=jnp.float32
     )
 
+  def head(self, hidden: jax.Array) -> jax.Array:
+    """The last block's output `[..., D]` -> fp32 logits `[..., V]` (final norm, then head)."""
+    return self.logits(self.norm(hidden))
+
   def init_cache(self, batch_size: int, cache_length: int, dtype=None) -> KVCache:
     """An empty cache with `cache_length` slots, in the compute dtype unless `dtype` is given."""
     return KVCache.create(self.config, batch_size, cache_length, dtype or self.dtype)
@@ -314,16 +358,59 @@ class Decoder(nnx.Module):
     if attention_mask is None:
       attention_mask = jnp.ones((batch, length), bool)
     attention_mask = attention_mask.astype(bool)
-    request = maps.resolve(self.config.num_layers)
-    if request.text_to_image_layers and image_key_positions is None:
-      raise ValueError("text_to_image maps were requested without image_key_positions")
+    ctx = self.layer_context(attention_mask, positions, cache)
+    run = self.run_layers(
+      x,
+      ctx,
+      range(self.config.num_layers),
+      maps=maps,
+      image_key_positions=image_key_positions,
+      cache=cache,
+    )
+    x = run.hidden
 
+    if logits_indices is not None:
+      x = jnp.take_along_axis(x, logits_indices[:, :, None].astype(jnp.int32), axis=1)
+    logits = self.head(x)
+
+    new_cache = None
+    if cache is not None:
+      last_real = jnp.max(jnp.where(attention_mask, ctx.positions + 1, 0), axis=1)
+      new_cache = KVCache(
+        k=run.cache_k,
+        v=run.cache_v,
+        key_mask=ctx.key_mask,
+        length=cache.length + length,
+        next_position=jnp.maximum(cache.next_position, last_real.astype(jnp.int32)),
+      )
+    return DecoderOutput(
+      logits=logits,
+      cache=new_cache,
+      full_maps=run.full_maps,
+      text_to_image_maps=run.text_to_image_maps,
+      hidden_states=run.hidden_states,
+    )
+
+  def layer_context(
+    self,
+    attention_mask: jax.Array,
+    positions: jax.Array | None = None,
+    cache: KVCache | None = None,
+  ) -> LayerContext:
+    """What every block of one call shares (see the module docstring for positions and masks).
+
+    Args:
+      attention_mask: bool `[B, T]`, True for real tokens.
+      positions: int32 `[B, T]`, or None to count real tokens.
+      cache: the cache the call writes into, or None for a plain causal pass.
+    """
+    length = attention_mask.shape[1]
     if cache is None:
       if positions is None:
         positions = default_positions(attention_mask)
       causal = jnp.tril(jnp.ones((length, length), bool))
       allowed = attention_mask[:, None, :] & causal[None]
-      write_index = None
+      write_index, key_mask = None, None
     else:
       if positions is None:
         positions = default_positions(attention_mask, cache.next_position)
@@ -333,13 +420,42 @@ class Decoder(nnx.Module):
       causal = slots[None, :] <= write_index + jnp.arange(length)[:, None]
       allowed = key_mask[:, None, :] & causal[None]
     cos, sin = rope_tables(positions, self.config.resolved_head_dim, self.config.rope_theta)
+    return LayerContext(
+      cos=cos,
+      sin=sin,
+      allowed=allowed,
+      positions=positions,
+      write_index=write_index,
+      key_mask=key_mask,
+    )
 
+  def run_layers(
+    self,
+    x: jax.Array,
+    ctx: LayerContext,
+    layers: Sequence[int],
+    *,
+    maps: MapRequest = NO_MAPS,
+    image_key_positions: jax.Array | None = None,
+    cache: KVCache | None = None,
+  ) -> LayerRun:
+    """Runs the blocks `layers` (consecutive, ascending) on `x` `[B, T, D]`.
+
+    `maps` is resolved on the full depth and only its layers inside `layers` are produced, so a
+    forward pass may be cut into ranges (the train step differentiates each range on its own).
+    With a `cache`, each block reads and writes its own slot of it.
+    """
+    request = maps.resolve(self.config.num_layers)
+    if request.text_to_image_layers and image_key_positions is None:
+      raise ValueError("text_to_image maps were requested without image_key_positions")
     full_maps, t2i_maps, hidden_states = {}, {}, {}
     new_k, new_v = [], []
-    for i, layer in enumerate(self.layers):
+    for i in layers:
       want_map = i in request.full_layers or i in request.text_to_image_layers
       kv = None if cache is None else (cache.k[i], cache.v[i])
-      x, layer_kv, head_mean = layer(x, cos, sin, allowed, kv, write_index, want_map)
+      x, layer_kv, head_mean = self.layers[i](
+        x, ctx.cos, ctx.sin, ctx.allowed, kv, ctx.write_index, want_map
+      )
       if layer_kv is not None:
         new_k.append(layer_kv[0])
         new_v.append(layer_kv[1])
@@ -349,25 +465,11 @@ class Decoder(nnx.Module):
         t2i_maps[i] = gather_key_columns(head_mean, image_key_positions)
       if i in request.hidden_layers:
         hidden_states[i] = x
-
-    if logits_indices is not None:
-      x = jnp.take_along_axis(x, logits_indices[:, :, None].astype(jnp.int32), axis=1)
-    logits = self.logits(self.norm(x))
-
-    new_cache = None
-    if cache is not None:
-      last_real = jnp.max(jnp.where(attention_mask, positions + 1, 0), axis=1)
-      new_cache = KVCache(
-        k=tuple(new_k),
-        v=tuple(new_v),
-        key_mask=key_mask,
-        length=cache.length + length,
-        next_position=jnp.maximum(cache.next_position, last_real.astype(jnp.int32)),
-      )
-    return DecoderOutput(
-      logits=logits,
-      cache=new_cache,
+    return LayerRun(
+      hidden=x,
       full_maps=full_maps,
       text_to_image_maps=t2i_maps,
       hidden_states=hidden_states,
+      cache_k=tuple(new_k),
+      cache_v=tuple(new_v),
     )

@@ -1,4 +1,4 @@
-"""The pure Drive-KD train step: one forward of the student, one VJP for all losses, AGP, update.
+"""The pure Drive-KD train step: one student forward, every loss pulled back from it, AGP, update.
 
 `make_train_step(...)` returns `step(state, batch, rng, teacher_states) -> (state, metrics)`, a
 pure function to wrap in `jax.jit` with donation and shardings (`jit_train_step`). Teacher
@@ -10,10 +10,9 @@ Inside, for each micro-batch of `config.microbatch_size` samples (official: 1), 
   1. each teacher runs once, frozen (stop_gradient), materialising only its requested maps;
   2. the student runs once; the loss vector is [L_sup, L_k for each active capability k], where
      L_k is the batch mean of the per-sample loss times the sample's mixing coefficient;
-  3. one `jax.vjp` and a vmap of its pullback over the rows of diag(w) (w = static or dynamic
-     loss weights) give the stacked weighted gradients `[1+K, *param]` in one backward pass;
-     the LM head (final norm, `[D, V]` projection), which only the CE reaches, is split off
-     and pulled back once, for the CE row only (`_weighted_gradients`);
+  3. the stacked weighted gradients `[1+K, *param]` (row i: w_i * dL_i/dparams) from that one
+     forward: the student is cut into block ranges, each under its own `jax.vjp`, and each loss
+     row is pulled back only through the blocks its signal reaches (`_weighted_gradients`);
   4. the optax chain (AGP -> accumulate -> AdamW) turns them into an update; a micro-batch with a
      non-finite loss or gradient is skipped and counted, a micro-batch of padding examples only
      is skipped silently;
@@ -36,12 +35,13 @@ import ml_collections
 import optax
 from flax import nnx
 
-from drivekd_jax.data.pipeline import BATCH_KEYS
+from drivekd_jax.data.batch import BATCH_KEYS
 from drivekd_jax.distill import agp as agp_lib
 from drivekd_jax.distill import losses
 from drivekd_jax.distill import signals as signals_lib
 from drivekd_jax.distill.reweight import Reweighter
 from drivekd_jax.models.config import InternVLConfig
+from drivekd_jax.models.qwen2 import DecoderOutput
 from drivekd_jax.train import optimizer as optimizer_lib
 from drivekd_jax.train import state as state_lib
 
@@ -150,10 +150,11 @@ class _Plan:
   teacher_logits: tuple[bool, ...]
   resolved: tuple[signals_lib.ResolvedSignal, ...]
   reweighter: Reweighter
-  # The student request plus the last block's output (the pre-head hidden state); None when the
-  # head cannot be split off (a logit-KD signal reads the student logits, or no signal is active).
-  trunk_request: Any = None
-  head_tied: bool = False  # the student's LM head is its token embedding
+  # The student's block ranges, each differentiated on its own, and the segment each loss row
+  # starts its backward from (`len(segments)`: the head). See `_weighted_gradients`.
+  segments: tuple[tuple[int, int], ...]
+  row_reach: tuple[int, ...]
+  logits_signal: bool  # a logit-KD signal reads the student logits
 
 
 def _signal_loss(sig: signals_lib.ResolvedSignal, student_out, teacher_out, mb, aux):
@@ -240,77 +241,128 @@ def _loss_vector(plan: _Plan, params, frozen, mb, teacher_outs, mixing):
 def _weighted_gradients(plan: _Plan, params, frozen, mb, teacher_outs, mixing, weights):
   """The loss vector, the stacked weighted gradients `[1+K, *param]` and the aux of the step.
 
-  Row i of the stack is `weights[i] * d(loss_i)/d(params)`. Without a head split this is one
-  VJP of `_loss_vector` and its pullback vmapped over the rows of diag(weights). With the split
-  (`plan.trunk_request`), the student is differentiated as trunk (embeddings, vision, blocks ->
-  pre-head hidden state and the capability losses) and head (final norm, LM head, CE): only the
-  CE reaches the head, so the head is pulled back once, for row 0, and its input cotangent
-  joins row 0 of the one vmapped trunk pullback. The math is the same; the capability rows
-  simply skip the `[L, D] x [D, V]` head that their zero cotangent would have crossed.
+  Row i of the stack is `weights[i] * d(loss_i)/d(params)`, each row pulled back only through
+  the part of the student its loss reaches (the PyTorch autograd behaviour the official code
+  relies on). The student runs forward once, cut into `plan.segments` (consecutive block ranges,
+  the first also holding the embeddings and the vision tower) plus the head (final norm, LM head,
+  CE), each range under its own `jax.vjp`. A row starts its backward at the segment holding the
+  deepest layer its loss reads (the head for CE and logit KD) and walks down from there: the
+  perception row (first-layer maps) crosses one block, not the whole decoder, and only CE
+  crosses the `[L, D] x [D, V]` head. The rows are pulled back one after the other rather than
+  vmapped, so every weight gradient comes out in its own layout (a vmapped pullback batches the
+  rows into the middle of each weight-gradient product and pays for transposes).
 
   Returns:
     (vec `[1+K]`, stacked gradients, (raw `[1+K]`, mix_eff `[1+K]`)).
   """
-  if plan.trunk_request is None:
-    fn = lambda p: _loss_vector(plan, p, frozen, mb, teacher_outs, mixing)
-    vec, pullback, aux = jax.vjp(fn, params, has_aux=True)
-    (stacked,) = jax.vmap(pullback)(jnp.diag(weights))
-    return vec, stacked, aux
-  last = max(plan.trunk_request.hidden_layers)  # resolved: the last block's index
+  model = nnx.merge(plan.student_graphdef, params["student"], frozen)
+  attn = mb["attention_mask"].astype(bool)
+  ctx = model.language_model.layer_context(attn, mb["positions"])
+  keys = None
+  if plan.student_request.text_to_image_layers:
+    keys = model.map_key_positions(mb["input_ids"], mb["pixel_values"])
 
-  def trunk(p):
-    model = nnx.merge(plan.student_graphdef, p["student"], frozen)
-    out = _model_call(model, mb, plan.trunk_request)  # its logits are dead code under jit
-    mixed, raw, mix_eff = _capability_losses(plan, out, mb, teacher_outs, mixing, p["aux"])
-    return (out.hidden_states[last], jnp.stack(mixed)), (jnp.stack(raw), jnp.stack(mix_eff))
+  def segment(index):
+    start, stop = plan.segments[index]
 
-  # Only the head's own leaves are differentiated by the head VJP (no zero-filled full tree).
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-  is_head = [_is_head_leaf(path, plan.head_tied) for path, _ in leaves]
+    def run(p, x):
+      student = nnx.merge(plan.student_graphdef, p["student"], frozen)
+      if x is None:
+        x = student.embed_inputs(mb["input_ids"], mb["pixel_values"])
+      out = student.language_model.run_layers(
+        x, ctx, range(start, stop), maps=plan.student_request, image_key_positions=keys
+      )
+      return out.hidden, (out.full_maps, out.text_to_image_maps, out.hidden_states)
 
-  def head(head_leaves, hidden):
-    it = iter(head_leaves)
-    p = treedef.unflatten([next(it) if h else v for (_, v), h in zip(leaves, is_head)])
+    return run
+
+  def head(p, hidden):
     decoder = nnx.merge(plan.student_graphdef, p["student"], frozen).language_model
-    return _student_ce(decoder.logits(decoder.norm(hidden)), mb)
+    logits = decoder.head(hidden)
+    return _student_ce(logits, mb), (logits if plan.logits_signal else None)
 
-  (hidden, cap_vec), trunk_pullback, (raw, mix_eff) = jax.vjp(trunk, params, has_aux=True)
-  head_params = [v for (_, v), h in zip(leaves, is_head) if h]
-  ce, head_pullback = jax.vjp(head, head_params, hidden)
-  head_grads, d_hidden = head_pullback(weights[0])
-  hidden_rows = jnp.zeros((weights.shape[0],) + hidden.shape, hidden.dtype).at[0].set(d_hidden)
-  (stacked,) = jax.vmap(trunk_pullback)((hidden_rows, jnp.diag(weights)[:, 1:]))
-  it = iter(head_grads)
-  stacked = treedef.unflatten(
-    [s.at[0].add(next(it)) if h else s for s, h in zip(treedef.flatten_up_to(stacked), is_head)]
-  )
+  def capability_losses(p, signals, logits):
+    full, t2i, hidden = {}, {}, {}
+    for seg_full, seg_t2i, seg_hidden in signals:
+      full.update(seg_full)
+      t2i.update(seg_t2i)
+      hidden.update(seg_hidden)
+    out = DecoderOutput(logits=logits, full_maps=full, text_to_image_maps=t2i, hidden_states=hidden)
+    mixed, raw, mix_eff = _capability_losses(plan, out, mb, teacher_outs, mixing, p["aux"])
+    return jnp.stack(mixed), (jnp.stack(raw), jnp.stack(mix_eff))
+
+  pullbacks, signals, outputs = [], [], []
+  x = None
+  for index in range(len(plan.segments)):
+    run = segment(index)
+    if x is None:
+      (x, sig), pullback = jax.vjp(lambda p, run=run: run(p, None), params)
+    else:
+      (x, sig), pullback = jax.vjp(run, params, x)
+    pullbacks.append(pullback)
+    signals.append(sig)
+    outputs.append(x)
+  (ce, logits), head_pullback = jax.vjp(head, params, x)
+
+  num_caps = len(plan.resolved)
   one = jnp.ones((1,), jnp.float32)
-  vec = jnp.concatenate([ce[None], cap_vec])
-  return vec, stacked, (jnp.concatenate([ce[None], raw]), jnp.concatenate([one, mix_eff]))
+  if num_caps:
+    cap_vec, loss_pullback, (raw, mix_eff) = jax.vjp(
+      capability_losses, params, signals, logits, has_aux=True
+    )
+    vec = jnp.concatenate([ce[None], cap_vec])
+    aux = (jnp.concatenate([ce[None], raw]), jnp.concatenate([one, mix_eff]))
+  else:
+    vec, aux = ce[None], (ce[None], one)
+
+  zeros_like = lambda tree: jax.tree.map(jnp.zeros_like, tree)
+  rows = []
+  for row in range(1 + num_caps):
+    top = plan.row_reach[row]
+    if row == 0:
+      grads, d_x = head_pullback((weights[0], None if logits is None else zeros_like(logits)))
+      d_signals = zeros_like(signals)
+    else:
+      cotangent = jnp.zeros((num_caps,), jnp.float32).at[row - 1].set(weights[row])
+      grads, d_signals, d_logits = loss_pullback(cotangent)
+      if top == len(plan.segments):  # logit KD reads the head
+        head_grads, d_x = head_pullback((jnp.zeros_like(ce), d_logits))
+        grads = jax.tree.map(jnp.add, grads, head_grads)
+      else:
+        d_x = jnp.zeros_like(outputs[top])
+    for index in range(min(top, len(plan.segments) - 1), -1, -1):
+      if index == 0:
+        (seg_grads,) = pullbacks[0]((d_x, d_signals[0]))
+      else:
+        seg_grads, d_x = pullbacks[index]((d_x, d_signals[index]))
+      grads = jax.tree.map(jnp.add, grads, seg_grads)
+    rows.append(grads)
+  stacked = jax.tree.map(lambda *r: jnp.stack(r), *rows)
+  return vec, stacked, aux
 
 
-def _path_names(path) -> tuple:
-  return tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
+def _row_reach(resolved, num_layers: int) -> tuple[int, ...]:
+  """The deepest block each loss row reads (`num_layers` meaning the head): CE first, then the
+  capability signals in order."""
+  depth = []
+  for r in resolved:
+    if r.signal.kind == "logit_kl":
+      depth.append(num_layers)
+    else:
+      depth.append(max(s for s, _ in r.windows))
+  return (num_layers,) + tuple(depth)
 
 
-def _is_head_leaf(path, tied: bool) -> bool:
-  """A trainable leaf of the student's head: `language_model.{norm, lm_head}` (the embedding
-  too when the head is tied to it)."""
-  names = _path_names(path)
-  if len(names) < 3 or names[0] != "student" or names[1] != "language_model":
-    return False
-  parts = ("norm", "lm_head") + (("embed_tokens",) if tied else ())
-  return names[2] in parts
-
-
-def _trunk_request(student_request, resolved, num_layers: int):
-  """The student request plus the last block's output, or None where the head cannot be split
-  off: no capability signal (nothing to save), or a logit-KD signal (it reads the head too)."""
-  if not resolved or any(r.signal.kind == "logit_kl" for r in resolved):
-    return None
-  request = student_request.resolve(num_layers)
-  hidden = tuple(sorted(set(request.hidden_layers) | {num_layers - 1}))
-  return dataclasses.replace(request, hidden_layers=hidden)
+def _segments(depths, num_layers: int):
+  """Consecutive block ranges `[start, stop)` cut after every depth a loss stops at, and each
+  row's starting segment (`len(segments)` for the head)."""
+  stops = sorted({d + 1 for d in depths if d < num_layers} | {num_layers})
+  segments = tuple(zip([0] + stops[:-1], stops))
+  reach = tuple(
+    len(segments) if d == num_layers else next(i for i, (_, e) in enumerate(segments) if d < e)
+    for d in depths
+  )
+  return segments, reach
 
 
 def _slot_sq_norms(stacked):
@@ -373,6 +425,7 @@ def make_train_step(
   student_request, teacher_requests = signals_lib.map_requests(config, s_layers, t_layers)
   logits_needed = signals_lib.needs_teacher_logits(config)
   resolved = signals_lib.resolve_signals(config, s_layers, t_layers)
+  segments, row_reach = _segments(_row_reach(resolved, s_layers), s_layers)
   plan = _Plan(
     config=config,
     student_graphdef=student_graphdef,
@@ -384,8 +437,9 @@ def make_train_step(
     ),
     resolved=resolved,
     reweighter=reweighter_for(config),
-    trunk_request=_trunk_request(student_request, resolved, s_layers),
-    head_tied=student_config.text.tie_word_embeddings,
+    segments=segments,
+    row_reach=row_reach,
+    logits_signal=any(r.signal.kind == "logit_kl" for r in resolved),
   )
   num_losses = 1 + len(plan.resolved)
   names = ("sup",) + tuple(r.capability for r in plan.resolved)
@@ -404,6 +458,7 @@ def make_train_step(
     valid = jnp.any(mb["example_mask"])
     apply = valid & finite
     active = mix_eff[1:] > 0
+
     updates, new_opt = tx.update(stacked, opt_state, params, capability_active=active)
     new_params = optax.apply_updates(params, updates)
     # Un-weighted, un-mixed gradient norms scaled by 1/accum (the official reweighting input).
