@@ -46,8 +46,14 @@ def models():
   return student, nnx.split(teacher)
 
 
-def _build(config, models, lr=1e-3):
+def _build(config, models, lr=1e-3, student_config=None, seed=0):
+  """The step, its initial state and the teacher states; `student_config` swaps in a fresh
+  student of that shape (initialised from `seed`) for the shared one."""
   student, (t_graph, t_state) = models
+  if student_config is None:
+    student_config = STUDENT
+  else:
+    student = InternVL(student_config, rngs=nnx.Rngs(seed))
   tx = step_lib.make_optimizer(config, lr)
   graphdef, state = step_lib.init_train_state(
     config, student, tx, jax.random.key(0), teacher_configs=[TEACHER]
@@ -55,7 +61,7 @@ def _build(config, models, lr=1e-3):
   step = step_lib.make_train_step(
     config,
     student_graphdef=graphdef,
-    student_config=STUDENT,
+    student_config=student_config,
     teacher_graphdefs=[t_graph],
     teacher_configs=[TEACHER],
     tx=tx,
@@ -63,12 +69,16 @@ def _build(config, models, lr=1e-3):
   return step, state, (t_state,)
 
 
-def _check_against_separate_grads(step, state, teachers, weights, batch=None):
+LOSS_WEIGHTS = (0.7, 1.3, 2.0, 0.5)  # distinct per row, so a row mix-up shows
+
+
+def _check_against_separate_grads(step, state, teachers, weights=LOSS_WEIGHTS, batch=None):
   """The step's stacked weighted gradients vs a vmapped VJP of the plain loss vector and vs one
   `jax.grad` per loss; also the AGP all-zero-leaf rule (the same leaves are exactly zero)."""
   plan = step.plan
   mb = {k: jnp.asarray(v) for k, v in (batch or make_batch()).items()}
   mixing = step_lib.losses.mixing_matrix(plan.config.mixing)
+  weights = jnp.asarray(weights)
   n = weights.shape[0]
 
   @jax.jit
@@ -107,7 +117,7 @@ def test_stacked_gradients_equal_separate_grads(models):
   step, state, teachers = _build(config, models)
   # Two blocks: every capability reads layer 0 (reasoning 0..-2, planning -2), CE the head.
   assert step.plan.segments == ((0, 1), (1, 2)) and step.plan.row_reach == (2, 0, 0, 0)
-  separate = _check_against_separate_grads(step, state, teachers, jnp.asarray([0.7, 1.3, 2.0, 0.5]))
+  separate = _check_against_separate_grads(step, state, teachers)
   top = _layer_grads(separate[1], 1)  # perception never reaches the last block
   assert top and all(float(jnp.abs(v).max()) == 0.0 for v in top)
 
@@ -116,24 +126,12 @@ def test_stacked_gradients_equal_separate_grads(models):
 def test_segmented_gradients_on_a_deeper_student(models):
   """Four blocks: perception stops at block 0, reasoning (0..-2) and planning (-2) at block 2,
   CE crosses everything; three segments plus the head."""
-  _, (t_graph, t_state) = models
   deep = presets.internvl3("tiny", num_layers=4)
-  student = InternVL(deep, rngs=nnx.Rngs(4))
-  config = DistillConfig(microbatch_size=3)
-  tx = step_lib.make_optimizer(config)
-  graphdef, state = step_lib.init_train_state(config, student, tx, jax.random.key(0), [TEACHER])
-  step = step_lib.make_train_step(
-    config,
-    student_graphdef=graphdef,
-    student_config=deep,
-    teacher_graphdefs=[t_graph],
-    teacher_configs=[TEACHER],
-    tx=tx,
+  step, state, teachers = _build(
+    DistillConfig(microbatch_size=3), models, student_config=deep, seed=4
   )
   assert step.plan.segments == ((0, 1), (1, 3), (3, 4)) and step.plan.row_reach == (3, 0, 1, 1)
-  separate = _check_against_separate_grads(
-    step, state, (t_state,), jnp.asarray([0.7, 1.3, 2.0, 0.5])
-  )
+  separate = _check_against_separate_grads(step, state, teachers)
   assert all(float(jnp.abs(v).max()) == 0.0 for v in _layer_grads(separate[2], 3))
   assert any(float(jnp.abs(v).max()) > 0.0 for v in _layer_grads(separate[2], 2))
 
@@ -142,7 +140,6 @@ def test_segmented_gradients_on_a_deeper_student(models):
 def test_segmented_gradients_with_logit_kd_and_hidden_signals(models):
   """Logit KD starts its backward at the head; a hidden-state signal at block 0 also trains its
   learned projection (an `aux` parameter only the loss reaches)."""
-  student, (t_graph, t_state) = models
   config = DistillConfig.from_config(
     {
       "microbatch_size": 3,
@@ -152,21 +149,10 @@ def test_segmented_gradients_with_logit_kd_and_hidden_signals(models):
       },
     }
   )
-  tx = step_lib.make_optimizer(config)
-  graphdef, state = step_lib.init_train_state(config, student, tx, jax.random.key(0), [TEACHER])
-  step = step_lib.make_train_step(
-    config,
-    student_graphdef=graphdef,
-    student_config=STUDENT,
-    teacher_graphdefs=[t_graph],
-    teacher_configs=[TEACHER],
-    tx=tx,
-  )
+  step, state, teachers = _build(config, models)
   # Rows: CE, perception (hidden, block 0), reasoning (attention, block 0), planning (head).
   assert step.plan.segments == ((0, 1), (1, 2)) and step.plan.row_reach == (2, 0, 0, 2)
-  separate = _check_against_separate_grads(
-    step, state, (t_state,), jnp.asarray([0.7, 1.3, 2.0, 0.5])
-  )
+  separate = _check_against_separate_grads(step, state, teachers)
   assert float(jnp.abs(separate[1]["aux"]["hidden_proj/perception"]).max()) > 0
   head = separate[3]["student"]["language_model"]["lm_head"]["kernel"]
   assert float(jnp.abs(head).max()) > 0
@@ -177,22 +163,10 @@ def test_segmented_gradients_with_a_tied_head(models):
   """A tied head (the embedding is also the LM head): the head's CE gradient and the embedding
   lookup's gradients meet in one leaf."""
   tied_cfg = presets.internvl3("tiny", tie_word_embeddings=True)
-  student = InternVL(tied_cfg, rngs=nnx.Rngs(3))
-  config = DistillConfig(microbatch_size=3)
-  _, (t_graph, t_state) = models
-  tx = step_lib.make_optimizer(config)
-  graphdef, state = step_lib.init_train_state(config, student, tx, jax.random.key(0), [TEACHER])
-  step = step_lib.make_train_step(
-    config,
-    student_graphdef=graphdef,
-    student_config=tied_cfg,
-    teacher_graphdefs=[t_graph],
-    teacher_configs=[TEACHER],
-    tx=tx,
+  step, state, teachers = _build(
+    DistillConfig(microbatch_size=3), models, student_config=tied_cfg, seed=3
   )
-  separate = _check_against_separate_grads(
-    step, state, (t_state,), jnp.asarray([0.7, 1.3, 2.0, 0.5])
-  )
+  separate = _check_against_separate_grads(step, state, teachers)
   embedding = separate[0]["student"]["language_model"]["embed_tokens"]["embedding"]
   assert float(jnp.abs(embedding).max()) > 0
 
