@@ -10,6 +10,10 @@ JAX the warm-up is the compile). Tokens/s counts generated tokens over the whole
 timed with each of `--torch_threads` and its fastest setting is the one compared (on a shared
 machine one thread is often faster than spinning workers). The generated tokens are compared, so
 a speed-up can not come from doing something else.
+
+It also prints the memory-bandwidth bound of a decode step: each step streams every weight (the
+embedding row aside), so at batch 1 tokens/s can not exceed bandwidth / weight bytes, whatever
+the framework.
 """
 
 from __future__ import annotations
@@ -63,6 +67,22 @@ def _tiny_qwen2(directory: str):
   return model
 
 
+def _read_bandwidth(num_bytes: int = 64 << 20, repeats: int = 20) -> float:
+  """Bytes/s this machine streams from memory: the best of `repeats` torch sums over a
+  `num_bytes` fp32 tensor with torch's default threads (larger than the weights, so it is not
+  a cache figure)."""
+  import torch
+
+  data = torch.ones(num_bytes // 4)
+  data.sum()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    data.sum()
+    best = min(best, time.perf_counter() - start)
+  return num_bytes / best
+
+
 def _timed(fn) -> tuple[float, object]:
   start = time.perf_counter()
   result = fn()
@@ -74,6 +94,7 @@ def main(argv):
   import jax
   import numpy as np
   import torch
+  from flax import nnx
 
   from drivekd_jax.models.hf_import import from_pretrained
   from drivekd_jax.models.sampling import Sampler
@@ -94,6 +115,15 @@ def main(argv):
     f"model: qwen2 D={_HIDDEN.value} layers={_LAYERS.value} heads={_HEADS.value}/"
     f"{_KV_HEADS.value} mlp={_MLP.value} vocab={_VOCAB.value}; prompt {prompt_len}, "
     f"{new_tokens} new tokens, fp32, greedy, best of {_REPEATS.value}"
+  )
+  weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(jax_model, nnx.Param)))
+  if jax_model.lm_head is not None:  # an untied table is only gathered from, one row a token
+    weight_bytes -= jax_model.embed_tokens.embedding.nbytes
+  bandwidth = _read_bandwidth()
+  print(
+    f"bound: every decode step reads {weight_bytes / 2**20:.0f} MB of weights; at the "
+    f"measured {bandwidth / 1e9:.0f} GB/s no implementation passes "
+    f"{bandwidth / weight_bytes:.0f} steps/s (tok/s at batch 1)"
   )
   for batch in [int(b) for b in _BATCH_SIZES.value]:
     prompts = rng.integers(1, _VOCAB.value, size=(batch, prompt_len), dtype=np.int32)
