@@ -248,9 +248,11 @@ def _weighted_gradients(plan: _Plan, params, frozen, mb, teacher_outs, mixing, w
   CE), each range under its own `jax.vjp`. A row starts its backward at the segment holding the
   deepest layer its loss reads (the head for CE and logit KD) and walks down from there: the
   perception row (first-layer maps) crosses one block, not the whole decoder, and only CE
-  crosses the `[L, D] x [D, V]` head. The rows are pulled back one after the other rather than
-  vmapped, so every weight gradient comes out in its own layout (a vmapped pullback batches the
-  rows into the middle of each weight-gradient product and pays for transposes).
+  crosses the `[L, D] x [D, V]` head. In its starting segment a row pulls back the segment's
+  signals alone, so the last block's MLP and value path (which only feed the segment's output)
+  are skipped too. The rows are pulled back one after the other rather than vmapped, so every
+  weight gradient comes out in its own layout (a vmapped pullback batches the rows into the
+  middle of each weight-gradient product and pays for transposes).
 
   Returns:
     (vec `[1+K]`, stacked gradients, (raw `[1+K]`, mix_eff `[1+K]`)).
@@ -291,14 +293,25 @@ def _weighted_gradients(plan: _Plan, params, frozen, mb, teacher_outs, mixing, w
     mixed, raw, mix_eff = _capability_losses(plan, out, mb, teacher_outs, mixing, p["aux"])
     return jnp.stack(mixed), (jnp.stack(raw), jnp.stack(mix_eff))
 
-  pullbacks, signals, outputs = [], [], []
+  pullbacks, signal_pullbacks, signals, outputs = [], {}, [], []
   x = None
   for index in range(len(plan.segments)):
     run = segment(index)
-    if x is None:
+    x_in = x
+    if x_in is None:
       (x, sig), pullback = jax.vjp(lambda p, run=run: run(p, None), params)
     else:
-      (x, sig), pullback = jax.vjp(run, params, x)
+      (x, sig), pullback = jax.vjp(run, params, x_in)
+    if index in plan.row_reach:
+      # Rows that stop in this segment read its signals only: a pullback of the signals alone
+      # skips what only the segment's output needs (the last block's MLP and value path). XLA
+      # merges its forward with the one above.
+      signals_only = lambda p, x, run=run: run(p, x)[1]
+      if x_in is None:
+        only = signals_only
+        _, signal_pullbacks[index] = jax.vjp(lambda p, only=only: only(p, None), params)
+      else:
+        _, signal_pullbacks[index] = jax.vjp(signals_only, params, x_in)
     pullbacks.append(pullback)
     signals.append(sig)
     outputs.append(x)
@@ -329,9 +342,12 @@ def _weighted_gradients(plan: _Plan, params, frozen, mb, teacher_outs, mixing, w
         head_grads, d_x = head_pullback((jnp.zeros_like(ce), d_logits))
         grads = jax.tree.map(jnp.add, grads, head_grads)
       else:
-        d_x = jnp.zeros_like(outputs[top])
+        d_x = None
     for index in range(min(top, len(plan.segments) - 1), -1, -1):
-      if index == 0:
+      if d_x is None:  # the row's deepest segment: its signals only
+        outs = signal_pullbacks[index](d_signals[index])
+        seg_grads, d_x = outs if index else (outs[0], None)
+      elif index == 0:
         (seg_grads,) = pullbacks[0]((d_x, d_signals[0]))
       else:
         seg_grads, d_x = pullbacks[index]((d_x, d_signals[index]))
