@@ -58,13 +58,7 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  """Tiny shapes: compile time dominates, and XLA's optimisations do not change fp32 results."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def hf_model(case: dict, seed: int = 0):

@@ -14,6 +14,7 @@ import safetensors.numpy
 import torch
 import transformers
 from flax import nnx
+from test_models_decoder import CASES, hf_model
 
 from drivekd_jax.models import CheckpointError, from_pretrained
 from drivekd_jax.models.internvl import InternVL
@@ -21,25 +22,15 @@ from drivekd_jax.models.qwen2 import Decoder
 
 
 def _qwen2(tied: bool, seed: int = 0) -> transformers.Qwen2ForCausalLM:
-  config = transformers.Qwen2Config(
+  case = dict(
+    CASES["qwen2_untied"],
     vocab_size=96,
     hidden_size=32,
+    num_layers=2,
     intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    rope_theta=1e6,
     tie_word_embeddings=tied,
-    max_position_embeddings=128,
   )
-  torch.manual_seed(seed)
-  model = transformers.Qwen2ForCausalLM(config)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "norm" not in name and not (tied and name == "lm_head.weight"):
-        p.copy_(0.2 * torch.randn_like(p))
-  model.config._attn_implementation = "eager"
-  return model.eval()
+  return hf_model(case, seed)
 
 
 def _internvl_dir(directory) -> None:

@@ -100,27 +100,40 @@ def make_experiment(mesh, opt_overrides=None):
   return rules, state, shardings, step
 
 
-def train(workdir, mesh, num_steps, *, nan_at=None, max_nonfinite=10, progress=False):
+def train(
+  workdir,
+  mesh,
+  num_steps,
+  *,
+  nan_at=None,
+  max_nonfinite=10,
+  progress=False,
+  checkpoint_every=3,
+  wrap_step=None,
+  wrap_data=None,
+):
+  """`train_loop` on the toy experiment; `wrap_step` / `wrap_data` replace the step function and
+  the data iterator by wrappers of them."""
   rules, state, shardings, step = make_experiment(mesh)
+  data = make_data(nan_at=nan_at)
   settings = trainer.LoopSettings(
     num_steps=num_steps,
     log_every=1,
-    checkpoint_every=3,
+    checkpoint_every=checkpoint_every,
     max_consecutive_nonfinite=max_nonfinite,
     progress_bar=progress,
   )
-  result = trainer.train_loop(
+  return trainer.train_loop(
     settings=settings,
     workdir=str(workdir),
     mesh=mesh,
     rules=rules,
     state=state,
     state_shardings=shardings,
-    step_fn=step,
-    data=make_data(nan_at=nan_at),
+    step_fn=step if wrap_step is None else wrap_step(step),
+    data=data if wrap_data is None else wrap_data(data),
     rng=jax.random.key(0),
   )
-  return result
 
 
 def _flat_params(state):
@@ -174,27 +187,15 @@ def test_nonfinite_step_is_skipped_and_counted(tmp_path):
 def test_too_many_nonfinite_stops_with_last_good_checkpoint(tmp_path):
   mesh = sharding_lib.make_mesh({"data": 1}, devices=jax.devices()[:1])
 
-  with pytest.raises(trainer.NonFiniteError, match="consecutive"):
-    rules, state, shardings, step = make_experiment(mesh)
-
+  def nan_loss(step):
     def bad_step(state, batch, rng):
       new, metrics = step(state, batch, rng)
       return new, {"loss": metrics["loss"] * jnp.nan}
 
-    settings = trainer.LoopSettings(
-      num_steps=10, log_every=1, checkpoint_every=1, max_consecutive_nonfinite=3, progress_bar=False
-    )
-    trainer.train_loop(
-      settings=settings,
-      workdir=str(tmp_path),
-      mesh=mesh,
-      rules=rules,
-      state=state,
-      state_shardings=shardings,
-      step_fn=bad_step,
-      data=make_data(),
-      rng=jax.random.key(0),
-    )
+    return bad_step
+
+  with pytest.raises(trainer.NonFiniteError, match="consecutive"):
+    train(tmp_path, mesh, 10, max_nonfinite=3, checkpoint_every=1, wrap_step=nan_loss)
   assert (tmp_path / "checkpoints").is_dir()
 
 
@@ -265,60 +266,36 @@ class _ProcessRows:
 def run_two_process_half(workdir: str, process_index: int | None, num_steps: int = 3):
   """Trains over all devices; with a process index, this process feeds half of each batch."""
   mesh = sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  rules, state, shardings, step = make_experiment(mesh)
-  settings = trainer.LoopSettings(
-    num_steps=num_steps, log_every=1, checkpoint_every=2, progress_bar=False
+  return train(
+    workdir,
+    mesh,
+    num_steps,
+    checkpoint_every=2,
+    wrap_data=lambda data: _ProcessRows(data, process_index),
   )
-  return trainer.train_loop(
-    settings=settings,
-    workdir=workdir,
-    mesh=mesh,
-    rules=rules,
-    state=state,
-    state_shardings=shardings,
-    step_fn=step,
-    data=_ProcessRows(make_data(), process_index),
-    rng=jax.random.key(0),
-  )
+
+
+class _Slow:
+  """Sleeps before every batch, so a signal lands mid-run (the SIGTERM test)."""
+
+  def __init__(self, inner, delay: float):
+    self.inner, self.delay = inner, delay
+
+  def __next__(self):
+    time.sleep(self.delay)
+    return next(self.inner)
+
+  def get_state(self):
+    return self.inner.get_state()
+
+  def set_state(self, state):
+    self.inner.set_state(state)
 
 
 def _main(workdir: str, num_steps: int, step_delay: float = 0.0):
   mesh = sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  rules, state, shardings, step = make_experiment(mesh)
-
-  def slow_step(state, batch, rng):
-    return step(state, batch, rng)
-
-  settings = trainer.LoopSettings(
-    num_steps=num_steps, log_every=1, checkpoint_every=2, progress_bar=False
-  )
-  data = make_data()
-  if step_delay:  # slows the host loop so the signal lands mid-run
-    inner = data
-
-    class Slow:
-      def __next__(self):
-        time.sleep(step_delay)
-        return next(inner)
-
-      def get_state(self):
-        return inner.get_state()
-
-      def set_state(self, s):
-        inner.set_state(s)
-
-    data = Slow()
-  result = trainer.train_loop(
-    settings=settings,
-    workdir=workdir,
-    mesh=mesh,
-    rules=rules,
-    state=state,
-    state_shardings=shardings,
-    step_fn=slow_step,
-    data=data,
-    rng=jax.random.key(0),
-  )
+  wrap = (lambda data: _Slow(data, step_delay)) if step_delay else None
+  result = train(workdir, mesh, num_steps, checkpoint_every=2, wrap_data=wrap)
   if not result.preempted:
     leaves = _flat_params(result.state)
     np.savez(

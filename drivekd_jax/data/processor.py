@@ -257,12 +257,12 @@ def capability_id(capability: str | int | bytes, *, where: str = "") -> int:
   raise ValueError(f"{where}field 'capability': {capability!r} is not one of {CAPABILITIES}")
 
 
-def _text(value: Any) -> str:
-  """Record text fields come back from TFDS data sources as bytes."""
+def record_text(value: Any) -> str:
+  """A record's text field as str (TFDS data sources hand text back as bytes or 0-d arrays)."""
   if isinstance(value, bytes):
     return value.decode("utf-8")
   if isinstance(value, np.ndarray) and value.ndim == 0:
-    return _text(value.item())
+    return record_text(value.item())
   return str(value)
 
 
@@ -387,7 +387,9 @@ class Processor:
     Returns:
       The processed example (see the class docstring).
     """
-    messages = [dict(role=_text(m["role"]), content=_text(m["content"])) for m in messages]
+    messages = [
+      dict(role=record_text(m["role"]), content=record_text(m["content"])) for m in messages
+    ]
     system_message = self.config.system_message
     if messages and messages[0]["role"] == "system":
       system_message = messages.pop(0)["content"]
@@ -504,15 +506,15 @@ class Processor:
     """
     where = where or record_where(record)
     try:
-      question = _text(record["question"])
+      question = record_text(record["question"])
       images = list(record.get("images", ()))
-      cameras = [_text(c) for c in record.get("cameras", ())] or None
+      cameras = [record_text(c) for c in record.get("cameras", ())] or None
       capability = record.get("capability", "other")
       if prompt_only:
         return self.prompt_example(
           question, images, capability=capability, cameras=cameras, where=where
         )
-      answer = _text(record["answer"])
+      answer = record_text(record["answer"])
     except KeyError as error:
       raise KeyError(f"{where}missing field {error.args[0]!r}") from None
     return self.training_example(
@@ -523,7 +525,7 @@ class Processor:
 def record_where(record: Mapping[str, Any]) -> str:
   """'record record_id=... frame_token=...: ' (the identifying fields present) for errors."""
   keys = [k for k in ("record_id", "frame_token", "question_type", "id") if k in record]
-  keys = [k for k in keys if _text(record[k])]
+  keys = [k for k in keys if record_text(record[k])]
   if not keys:
     return "record: "
-  return "record " + " ".join(f"{k}={_text(record[k])}" for k in keys) + ": "
+  return "record " + " ".join(f"{k}={record_text(record[k])}" for k in keys) + ": "

@@ -26,11 +26,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-import numpy as np
 from absl import logging
 
 from drivekd_jax.data import pipeline as pipeline_lib
-from drivekd_jax.data.processor import CAPABILITIES, Processor, record_where
+from drivekd_jax.data.processor import (
+  CAPABILITIES,
+  Processor,
+  capability_id,
+  record_text,
+  record_where,
+)
 from drivekd_jax.data.tokenizer import Tokenizer
 
 _LETTER = re.compile(r"^\s*(?:final(?:\s+answer)?\s*:\s*)?\(?([A-D])\)?(?=$|[.,:;)])", re.I)
@@ -42,19 +47,8 @@ def mcq_letter(text: str) -> str | None:
   return match.group(1).upper() if match else None
 
 
-def _text(value: Any) -> str:
-  if isinstance(value, bytes):
-    return value.decode("utf-8")
-  if isinstance(value, np.ndarray) and value.ndim == 0:
-    return _text(value.item())
-  return str(value)
-
-
 def _capability_name(record: Mapping[str, Any]) -> str:
-  value = record.get("capability", "other")
-  if isinstance(value, int | np.integer):
-    return CAPABILITIES[int(value)]
-  return _text(value)
+  return CAPABILITIES[capability_id(record.get("capability", "other"))]
 
 
 def generate_answers(
@@ -123,12 +117,12 @@ def score(records: Sequence[Mapping[str, Any]], answers: Sequence[str]) -> tuple
   per_cap: dict[str, dict[str, int]] = {}
   for record, answer in zip(records, answers):
     capability = _capability_name(record)
-    reference = _text(record["answer"])
+    reference = record_text(record["answer"])
     row = {
       "capability": capability,
-      "question_type": _text(record.get("question_type", "")),
-      "frame_token": _text(record.get("frame_token", "")),
-      "question": _text(record["question"]),
+      "question_type": record_text(record.get("question_type", "")),
+      "frame_token": record_text(record.get("frame_token", "")),
+      "question": record_text(record["question"]),
       "reference": reference,
       "prediction": answer,
     }

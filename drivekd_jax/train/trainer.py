@@ -250,6 +250,15 @@ def train_loop(
   preempted = False
   timer_started = False
 
+  def stop_if_nonfinite(step_counters, through_step):
+    in_row = int(step_counters["nonfinite_in_row"])
+    if in_row >= settings.max_consecutive_nonfinite:
+      raise NonFiniteError(
+        f"{in_row} consecutive steps had a non-finite loss or update (through step "
+        f"{through_step}); stopping. The newest checkpoint in {checkpointer.directory} (step "
+        f"{checkpointer.latest_step()}) holds the last good state."
+      )
+
   def save(at_step, force):
     meta = {**(metadata or {}), "nonfinite_total": int(counters["nonfinite_total"])}
     return checkpointer.save(
@@ -299,13 +308,7 @@ def train_loop(
 
       # The previous step's counters are ready by now; reading them keeps dispatch one ahead.
       if previous_counters is not None:
-        in_row = int(previous_counters["nonfinite_in_row"])
-        if in_row >= settings.max_consecutive_nonfinite:
-          raise NonFiniteError(
-            f"{in_row} consecutive steps had a non-finite loss or update (through step "
-            f"{step - 1}); stopping. The newest checkpoint in {checkpointer.directory} "
-            f"(step {checkpointer.latest_step()}) holds the last good state."
-          )
+        stop_if_nonfinite(previous_counters, step - 1)
       previous_counters = counters
 
       first_of_launch = not timer_started
@@ -333,13 +336,7 @@ def train_loop(
         writer.update_progress(step)
       save(step, force=False)
 
-    in_row = int(counters["nonfinite_in_row"])
-    if in_row >= settings.max_consecutive_nonfinite:
-      raise NonFiniteError(
-        f"{in_row} consecutive steps had a non-finite loss or update (through step {step}); "
-        f"stopping. The newest checkpoint in {checkpointer.directory} (step "
-        f"{checkpointer.latest_step()}) holds the last good state."
-      )
+    stop_if_nonfinite(counters, step)
     save(step, force=True)
     checkpointer.wait()
     if preempted:
