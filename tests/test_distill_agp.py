@@ -254,6 +254,8 @@ def test_random_order_comes_from_state_key():
     orders.add(perm)
     _assert_tree_close(out, _unstack_ref(reference(grads, "agp", perm)))
   assert len(orders) > 1
+  squares = [sum(float(np.sum(np.square(x))) for x in g if x is not None) for g in grads]
+  np.testing.assert_allclose(state.sq_norms, squares, rtol=1e-5)
   diag = agp_lib.agp_diagnostics(state)
   assert set(diag) >= {"agp/stage1_conflicts", "agp/cos_sup_p", "agp/cos_r_pl"}
   assert float(diag["agp/cos_sup_p"]) < 0

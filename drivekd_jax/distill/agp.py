@@ -61,6 +61,8 @@ class AGPState(NamedTuple):
   Attributes:
     key: PRNG key; split on every update to draw the shuffled order.
     cosine: `[1+K, 1+K]` pairwise cosines of the last input gradients (diagnostics).
+    sq_norms: fp32 `[1+K]`, squared global norms of the last input gradients (the Gram
+      diagonal; non-finite when an input was).
     stage1_conflicts: int32, projections applied in stage 1 at the last update.
     stage2_conflicts: int32, projections applied in stage 2 (or PCGrad) at the last update.
     order: int32 `[K]` (`[1+K]` for pcgrad) order used at the last update.
@@ -68,6 +70,7 @@ class AGPState(NamedTuple):
 
   key: jax.Array
   cosine: jax.Array
+  sq_norms: jax.Array
   stage1_conflicts: jax.Array
   stage2_conflicts: jax.Array
   order: jax.Array
@@ -226,6 +229,7 @@ def asymmetric_gradient_projection(
     return AGPState(
       key=jax.random.key(seed),
       cosine=jnp.zeros((k + 1, k + 1), jnp.float32),
+      sq_norms=jnp.zeros((k + 1,), jnp.float32),
       stage1_conflicts=jnp.zeros((), jnp.int32),
       stage2_conflicts=jnp.zeros((), jnp.int32),
       order=jnp.arange(n_order, dtype=jnp.int32),
@@ -261,22 +265,28 @@ def asymmetric_gradient_projection(
 
     leaves, treedef = jax.tree.flatten(updates)
     new_updates = jax.tree.unflatten(treedef, [apply(x, c) for x, c in zip(leaves, classes)])
-    diag = jnp.sqrt(jnp.maximum(jnp.diagonal(total_gram), 0.0))
+    sq_norms = jnp.diagonal(total_gram)
+    diag = jnp.sqrt(jnp.maximum(sq_norms, 0.0))
     cosine = total_gram / jnp.maximum(diag[:, None] * diag[None, :], 1e-30)
-    new_state = AGPState(key, cosine, stage1, stage2, perm)
+    new_state = AGPState(key, cosine, sq_norms, stage1, stage2, perm)
     return new_updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def agp_diagnostics(state: AGPState, prefix: str = "agp/") -> dict[str, jax.Array]:
-  """Scalars for logging: pairwise cosines of the last input gradients and conflict counts."""
-  names = ("sup", "p", "r", "pl")
+def agp_diagnostics(
+  state: AGPState, labels: Sequence[str] | None = None, prefix: str = "agp/"
+) -> dict[str, jax.Array]:
+  """Scalars for logging: pairwise cosines of the last input gradients and conflict counts.
+
+  `labels` names the 1+K gradients (default: sup, p, r, pl for K = 3, else sup, c1, c2, ...).
+  """
   n = state.cosine.shape[0]
-  labels = names if n == 4 else ("sup",) + tuple(f"c{i}" for i in range(1, n))
+  if labels is None:
+    labels = ("sup", "p", "r", "pl") if n == 4 else ("sup",) + tuple(f"c{i}" for i in range(1, n))
   out = {
-    f"{prefix}stage1_conflicts": state.stage1_conflicts,
-    f"{prefix}stage2_conflicts": state.stage2_conflicts,
+    f"{prefix}stage1_conflicts": state.stage1_conflicts.astype(jnp.float32),
+    f"{prefix}stage2_conflicts": state.stage2_conflicts.astype(jnp.float32),
   }
   for i in range(n):
     for j in range(i + 1, n):

@@ -469,14 +469,15 @@ def make_train_step(
     vec, stacked, (raw, mix_eff) = _weighted_gradients(
       plan, params, frozen, mb, teacher_outs, mixing, weights
     )
-    sq = _slot_sq_norms(stacked)
+    active = mix_eff[1:] > 0
+    updates, new_opt = tx.update(stacked, opt_state, params, capability_active=active)
+    new_params = optax.apply_updates(params, updates)
+    # The per-row squared norms: AGP has them (its Gram diagonal); another combiner needs a pass.
+    agp_state = _agp_state(new_opt)
+    sq = _slot_sq_norms(stacked) if agp_state is None else agp_state.sq_norms
     finite = jnp.all(jnp.isfinite(vec)) & jnp.all(jnp.isfinite(sq))
     valid = jnp.any(mb["example_mask"])
     apply = valid & finite
-    active = mix_eff[1:] > 0
-
-    updates, new_opt = tx.update(stacked, opt_state, params, capability_active=active)
-    new_params = optax.apply_updates(params, updates)
     # Un-weighted, un-mixed gradient norms scaled by 1/accum (the official reweighting input).
     present = jnp.concatenate([jnp.ones((1,), bool), active])
     raw_norm = jnp.sqrt(sq + 1e-20) / weights / jnp.where(mix_eff > 0, mix_eff, 1.0) / accum
@@ -555,13 +556,7 @@ def make_train_step(
       metrics[f"weight/{name}"] = per_micro["weights"][-1, i]
     agp_state = _agp_state(opt_state)
     if agp_state is not None and num_losses > 1:
-      labels = {1 + i: r.capability for i, r in enumerate(plan.resolved)}
-      labels[0] = "sup"
-      metrics["agp/stage1_conflicts"] = agp_state.stage1_conflicts.astype(jnp.float32)
-      metrics["agp/stage2_conflicts"] = agp_state.stage2_conflicts.astype(jnp.float32)
-      for i in range(num_losses):
-        for j in range(i + 1, num_losses):
-          metrics[f"agp/cos_{labels[i]}_{labels[j]}"] = agp_state.cosine[i, j]
+      metrics.update(agp_lib.agp_diagnostics(agp_state, names))
     return new_state, metrics
 
   step.plan = plan
