@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -266,3 +267,53 @@ def test_ablation_signals_and_two_teachers(models):
     assert np.isfinite(value) and value > 0, (name, value)
   assert float(metrics["applied_microsteps"]) == 3
   assert not np.allclose(proj_before, state.params["aux"]["hidden_proj/perception"])
+
+
+@pytest.mark.slow
+def test_window_accumulation_equals_the_multisteps_chain(models):
+  """The step's AGP -> window mean -> AdamW equals `chain(AGP, MultiSteps(AdamW, k))` run once per
+  micro-batch on gradients from per-loss `jax.grad`, whether a call holds whole windows (4
+  micro-batches, k = 2) or a window spans calls (one micro-batch per call)."""
+  config = DistillConfig(microbatch_size=1, grad_accum_steps=2, dynamic_weights=False)
+  step, state0, teachers = _build(config, models, lr=1e-3)
+  plan, tx = step.plan, step_lib.make_optimizer(config, 1e-3)
+  batch = make_batch(seed=5, batch=4)
+  mixing = step_lib.losses.mixing_matrix(config.mixing)
+  weights = plan.reweighter.weights(state0.reweight)
+
+  @jax.jit
+  def stacked_grads(params, mb):
+    touts = step_lib._teacher_outputs(plan, teachers, mb)
+    fn = lambda p: step_lib._loss_vector(plan, p, state0.frozen, mb, touts, mixing)[0]
+    grads = [jax.grad(lambda p, i=i: fn(p)[i])(params) for i in range(4)]
+    return jax.tree.map(lambda *g: jnp.stack([w * x for w, x in zip(weights, g)]), *grads)
+
+  chain = tx.as_chain()
+  params, chain_state = state0.params, chain.init(state0.params)
+  update = jax.jit(lambda g, s, p: chain.update(g, s, p, capability_active=jnp.ones(3, bool)))
+  for i in range(4):
+    mb = {k: jnp.asarray(v[i : i + 1]) for k, v in batch.items()}
+    updates, chain_state = update(stacked_grads(params, mb), chain_state, params)
+    params = optax.apply_updates(params, updates)
+
+  # AdamW's step is nearly scale-free, so the moments (which are not) check the window mean; a
+  # parameter moves by about the learning rate, so 1% of it is the parameter tolerance.
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  moments_close = lambda a, b: np.testing.assert_allclose(
+    a, b, rtol=1e-4, atol=1e-4 * float(np.abs(b).max()) + 1e-30
+  )
+  reference_moments = chain_state[1].inner_opt_state
+  jitted = jax.jit(step)
+  whole, metrics = jitted(jax.tree.map(jnp.copy, state0), batch, jax.random.key(0), teachers)
+  assert float(metrics["applied_microsteps"]) == 4
+  jax.tree.map(close, whole.params, params)
+  jax.tree.map(moments_close, whole.opt_state.inner, reference_moments)
+  assert int(whole.opt_state.count) == 0
+
+  spanning = jax.tree.map(jnp.copy, state0)
+  for i in range(4):
+    one = {k: v[i : i + 1] for k, v in batch.items()}
+    spanning, _ = jitted(spanning, one, jax.random.key(i), teachers)
+    assert int(spanning.opt_state.count) == (i + 1) % 2
+  jax.tree.map(close, spanning.params, params)
+  jax.tree.map(moments_close, spanning.opt_state.inner, reference_moments)

@@ -97,20 +97,27 @@ def leafwise_class_gram(stacked_updates) -> tuple[jax.Array, list[jax.Array]]:
   if not leaves:
     raise ValueError("AGP got an empty update pytree")
   n = leaves[0].shape[0]
-  weights = jnp.asarray(2 ** np.arange(n), jnp.int32)
-  gram = jnp.zeros((2**n, n, n), jnp.float32)
-  classes = []
+  pairs = [(i, j) for i in range(n) for j in range(i, n)]
+  pair_to_gram = np.zeros((len(pairs), n, n), np.float32)
+  for p, (i, j) in enumerate(pairs):
+    pair_to_gram[p, i, j] = pair_to_gram[p, j, i] = 1.0
+  pair_sums, classes = [], []
   for leaf in leaves:
     if leaf.ndim == 0 or leaf.shape[0] != n:
       raise ValueError(f"every AGP update leaf needs a leading axis of {n}, got {leaf.shape}")
-    # One [n, size] x [size, n] product: XLA:CPU runs it well over twice as fast as the same
-    # contraction spelled over the leaf's own axes.
-    flat = leaf.astype(jnp.float32).reshape(n, -1)
-    leaf_gram = jnp.matmul(flat, flat.T, preferred_element_type=jnp.float32)
-    reached = jnp.any(flat != 0, axis=1)
-    cls = jnp.sum(reached.astype(jnp.int32) * weights)
-    gram = gram.at[cls].add(leaf_gram)
-    classes.append(cls)
+    # Dot products of the row slices rather than one contraction over the stacked leaf: a slice
+    # of a stack is its operand, so a caller that stacks its rows only for this call never
+    # materialises the stack.
+    rows = [leaf[m].astype(jnp.float32).reshape(-1) for m in range(n)]
+    pair_sums.append(
+      jnp.stack([jnp.dot(rows[i], rows[j], preferred_element_type=jnp.float32) for i, j in pairs])
+    )
+    # A sum of magnitudes is zero exactly when every entry is (it cannot underflow, unlike a
+    # sum of squares).
+    reached = jnp.stack([jnp.sum(jnp.abs(row)) > 0 for row in rows])
+    classes.append(jnp.sum(reached.astype(jnp.int32) * (2 ** np.arange(n))))
+  leaf_class = jax.nn.one_hot(jnp.stack(classes), 2**n, dtype=jnp.float32)
+  gram = jnp.einsum("ls,lp,pab->sab", leaf_class, jnp.stack(pair_sums), pair_to_gram)
   return gram, classes
 
 

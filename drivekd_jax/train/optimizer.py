@@ -1,4 +1,4 @@
-"""The optimizer of every Drive-KD run: gradient combiner (AGP) -> accumulation -> clip -> AdamW.
+"""The optimizers of Drive-KD runs: gradient combiner (AGP) -> accumulation -> clip -> AdamW.
 
 One builder serves the trainer, the pure-step tests and the benchmark, so the optimizer a test
 checks is the one a launch uses.
@@ -6,8 +6,10 @@ checks is the one a launch uses.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -35,24 +37,8 @@ def learning_rate_schedule(opt_config: Any, num_optimizer_steps: int) -> optax.S
   )
 
 
-def build_optimizer(
-  opt_config: Any, num_steps: int, gradient_combiner: optax.GradientTransformation | None = None
-) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """`combiner -> MultiSteps(clip -> AdamW(schedule))`.
-
-  Args:
-    opt_config: learning_rate, b1, b2, eps, weight_decay, grad_clip_norm (0: none),
-      accumulation_steps, plus the schedule keys.
-    num_steps: micro-steps of the run (each consumes one batch).
-    gradient_combiner: a transformation applied per micro-step before accumulation (AGP turns
-      the stacked `[1+K, ...]` gradients into one update; the official code also projects per
-      sample, then accumulates).
-
-  Returns:
-    (transformation, schedule over optimizer updates).
-  """
-  accumulation = max(1, int(opt_config.get("accumulation_steps", 1)))
-  schedule = learning_rate_schedule(opt_config, max(1, num_steps // accumulation))
+def _inner_chain(opt_config: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
+  """clip (when grad_clip_norm > 0) -> AdamW(schedule)."""
   inner = []
   clip = float(opt_config.get("grad_clip_norm", 0.0))
   if clip > 0:
@@ -66,9 +52,102 @@ def build_optimizer(
       weight_decay=float(opt_config.get("weight_decay", 0.0)),
     )
   )
-  tx = optax.chain(*inner)
+  return optax.chain(*inner)
+
+
+def _accumulation(opt_config: Any) -> int:
+  return max(1, int(opt_config.get("accumulation_steps", 1)))
+
+
+def build_optimizer(
+  opt_config: Any, num_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """`MultiSteps(clip -> AdamW(schedule))`, for plain (one-gradient) training.
+
+  Args:
+    opt_config: learning_rate, b1, b2, eps, weight_decay, grad_clip_norm (0: none),
+      accumulation_steps, plus the schedule keys.
+    num_steps: micro-steps of the run (each consumes one batch).
+
+  Returns:
+    (transformation, schedule over optimizer updates).
+  """
+  accumulation = _accumulation(opt_config)
+  schedule = learning_rate_schedule(opt_config, max(1, num_steps // accumulation))
+  tx = _inner_chain(opt_config, schedule)
   if accumulation > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=accumulation).gradient_transformation()
-  if gradient_combiner is not None:
-    tx = optax.chain(gradient_combiner, tx)
   return tx, schedule
+
+
+class DistillOptState(NamedTuple):
+  """State of a `DistillOptimizer`.
+
+  Attributes:
+    combiner: the combiner's state (e.g. `AGPState`).
+    inner: the inner chain's state (AdamW moments, ...).
+    accumulated: sum of the combiner outputs of the current window, param-shaped.
+    count: int32, micro-steps in the current window.
+  """
+
+  combiner: Any
+  inner: Any
+  accumulated: Any
+  count: jax.Array
+
+
+class DistillOptimizer(NamedTuple):
+  """The Drive-KD optimizer: per micro-step combiner, window mean, then the inner chain.
+
+  Every micro-step's stacked `[1+K, ...]` gradients go through `combiner` (AGP) into one update;
+  the updates of a window of `accumulation` micro-steps are averaged and `inner` (clip -> AdamW)
+  runs once on the mean. That is `as_chain()`, `chain(combiner, MultiSteps(inner,
+  accumulation))`, the official per-sample AGP then accumulation, but the train step runs the
+  pieces itself (`train.step`): inside its scan over micro-batches only the combiner and the
+  running sum run per micro-step, and AdamW runs once per window instead of on every micro-step
+  with its result thrown away (which is what MultiSteps must do under `jit`).
+
+  Attributes:
+    combiner: `[1+K, ...]` gradients -> one update (`GradientTransformationExtraArgs`).
+    inner: the update transformation applied to each window's mean.
+    accumulation: micro-steps per window (per optimizer update).
+  """
+
+  combiner: optax.GradientTransformationExtraArgs
+  inner: optax.GradientTransformation
+  accumulation: int
+
+  def init(self, params: Any) -> DistillOptState:
+    return DistillOptState(
+      combiner=self.combiner.init(params),
+      inner=self.inner.init(params),
+      accumulated=optax.tree.zeros_like(params),
+      count=jnp.zeros((), jnp.int32),
+    )
+
+  def as_chain(self) -> optax.GradientTransformationExtraArgs:
+    """The equivalent optax chain (one `update` per micro-step)."""
+    inner = self.inner
+    if self.accumulation > 1:
+      inner = optax.MultiSteps(inner, every_k_schedule=self.accumulation).gradient_transformation()
+    return optax.chain(self.combiner, inner)
+
+
+def build_distill_optimizer(
+  opt_config: Any, num_steps: int, gradient_combiner: optax.GradientTransformationExtraArgs
+) -> tuple[DistillOptimizer, optax.Schedule]:
+  """`DistillOptimizer(combiner, clip -> AdamW(schedule), accumulation_steps)`.
+
+  Args:
+    opt_config: as `build_optimizer`.
+    num_steps: micro-steps of the run.
+    gradient_combiner: turns each micro-step's stacked `[1+K, ...]` gradients into one update
+      (AGP; the official code projects per sample, then accumulates).
+
+  Returns:
+    (optimizer, schedule over optimizer updates).
+  """
+  accumulation = _accumulation(opt_config)
+  schedule = learning_rate_schedule(opt_config, max(1, num_steps // accumulation))
+  optimizer = DistillOptimizer(gradient_combiner, _inner_chain(opt_config, schedule), accumulation)
+  return optimizer, schedule

@@ -13,11 +13,12 @@ Inside, for each micro-batch of `config.microbatch_size` samples (official: 1), 
   3. the stacked weighted gradients `[1+K, *param]` (row i: w_i * dL_i/dparams) from that one
      forward: the student is cut into block ranges, each under its own `jax.vjp`, and each loss
      row is pulled back only through the blocks its signal reaches (`_weighted_gradients`);
-  4. the optax chain (AGP -> accumulate -> AdamW) turns them into an update; a micro-batch with a
-     non-finite loss or gradient is skipped and counted, a micro-batch of padding examples only
-     is skipped silently;
-  5. dynamic weights accumulate their window statistics and update after every
-     `grad_accum_steps` applied micro-steps.
+  4. the combiner (AGP, an optax transformation) turns them into one update, summed over the
+     window; a micro-batch with a non-finite loss or gradient is skipped and counted, a
+     micro-batch of padding examples only is skipped silently;
+  5. every `grad_accum_steps` applied micro-steps the window closes: the inner chain (AdamW) runs
+     once on the mean of its updates (`optimizer.DistillOptimizer`, equal to
+     `chain(AGP, MultiSteps(AdamW))`), and the dynamic weights update from its statistics.
 
 Batch (numpy or jax): input_ids, labels, attention_mask, image_mask, positions [B, L],
 pixel_values [B, M, H, W, 3], capability [B] int32, example_mask [B] bool.
@@ -26,6 +27,7 @@ pixel_values [B, M, H, W, 3], capability [B] int32, example_mask [B] bool.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -80,11 +82,9 @@ def make_optimizer(
   b2: float = 0.999,
   eps: float = 1e-8,
   weight_decay: float = 0.0,
-) -> optax.GradientTransformation:
-  """`chain(AGP, MultiSteps(AdamW, grad_accum_steps))` with the official defaults (§3.5).
-
-  The trainer's builder with a constant learning rate and no clipping, as the official code runs.
-  """
+) -> optimizer_lib.DistillOptimizer:
+  """AGP, then AdamW on the mean of every `grad_accum_steps` micro-steps, with the official
+  defaults (§3.5): the trainer's builder with a constant learning rate and no clipping."""
   opt = ml_collections.ConfigDict(
     dict(
       learning_rate=learning_rate,
@@ -97,8 +97,8 @@ def make_optimizer(
       accumulation_steps=config.grad_accum_steps,
     )
   )
-  tx, _ = optimizer_lib.build_optimizer(
-    opt, num_steps=config.grad_accum_steps, gradient_combiner=gradient_combiner(config)
+  tx, _ = optimizer_lib.build_distill_optimizer(
+    opt, config.grad_accum_steps, gradient_combiner(config)
   )
   return tx
 
@@ -410,7 +410,7 @@ def make_train_step(
   student_config: InternVLConfig,
   teacher_graphdefs: Sequence[Any],
   teacher_configs: Sequence[InternVLConfig],
-  tx: optax.GradientTransformation,
+  tx: optimizer_lib.DistillOptimizer,
 ) -> Callable[..., tuple[state_lib.TrainState, dict[str, jax.Array]]]:
   """Builds the pure Drive-KD step.
 
@@ -420,9 +420,9 @@ def make_train_step(
     student_config, teacher_configs: model configs (layer counts resolve the layer specs).
     teacher_graphdefs: one per teacher (`nnx.split(teacher)[0]`); `config.teacher_for` maps
       capabilities to them.
-    tx: the optimizer chain over stacked `[1+K, ...]` gradients (`make_optimizer`, or the
-      trainer's `build_optimizer` with AGP as the gradient combiner). The chain receives the
-      extra argument `capability_active` (bool `[K]`).
+    tx: the `DistillOptimizer` (`make_optimizer`, or the trainer's `build_distill_optimizer`
+      with AGP as the combiner); its accumulation must equal `config.grad_accum_steps`. The
+      combiner receives the extra argument `capability_active` (bool `[K]`).
 
   Returns:
     `step(state, batch, rng, teacher_states) -> (state, metrics)`; `teacher_states` is a tuple
@@ -435,6 +435,13 @@ def make_train_step(
   if config.active and config.num_teachers > len(teacher_graphdefs):
     raise ValueError(
       f"config.teacher_for uses {config.num_teachers} teachers; {len(teacher_graphdefs)} given"
+    )
+  if not isinstance(tx, optimizer_lib.DistillOptimizer):
+    raise TypeError(f"tx must be a DistillOptimizer (train.optimizer), got {type(tx).__name__}")
+  if tx.accumulation != config.grad_accum_steps:
+    raise ValueError(
+      f"the optimizer accumulates {tx.accumulation} micro-steps but "
+      f"config.grad_accum_steps={config.grad_accum_steps}"
     )
   t_layers = tuple(c.text.num_layers for c in teacher_configs)
   s_layers = student_config.text.num_layers
@@ -462,18 +469,20 @@ def make_train_step(
   accum = config.grad_accum_steps
   micro = config.microbatch_size
 
-  def microstep(carry, mb, teacher_states, mixing):
-    params, opt_state, rw, skipped, in_row, frozen = carry
+  def microstep(carry, mb, params, frozen, teacher_states, mixing):
+    """One micro-batch: gradients, the combiner, and the window's running sum."""
+    combiner_state, accumulated, count, rw, skipped, in_row = carry
     teacher_outs = _teacher_outputs(plan, teacher_states, mb)
     weights = jax.lax.stop_gradient(plan.reweighter.weights(rw))
     vec, stacked, (raw, mix_eff) = _weighted_gradients(
       plan, params, frozen, mb, teacher_outs, mixing, weights
     )
     active = mix_eff[1:] > 0
-    updates, new_opt = tx.update(stacked, opt_state, params, capability_active=active)
-    new_params = optax.apply_updates(params, updates)
+    update, new_combiner = tx.combiner.update(
+      stacked, combiner_state, params, capability_active=active
+    )
     # The per-row squared norms: AGP has them (its Gram diagonal); another combiner needs a pass.
-    agp_state = _agp_state(new_opt)
+    agp_state = _agp_state(new_combiner)
     sq = _slot_sq_norms(stacked) if agp_state is None else agp_state.sq_norms
     finite = jnp.all(jnp.isfinite(vec)) & jnp.all(jnp.isfinite(sq))
     valid = jnp.any(mb["example_mask"])
@@ -482,15 +491,14 @@ def make_train_step(
     present = jnp.concatenate([jnp.ones((1,), bool), active])
     raw_norm = jnp.sqrt(sq + 1e-20) / weights / jnp.where(mix_eff > 0, mix_eff, 1.0) / accum
     new_rw = plan.reweighter.accumulate(rw, raw, raw_norm, present)
-    new_rw = _select(new_rw.count >= accum, plan.reweighter.update(new_rw), new_rw)
     bad = valid & ~finite
     carry = (
-      _select(apply, new_params, params),
-      _select(apply, new_opt, opt_state),
+      _select(apply, new_combiner, combiner_state),
+      jax.tree.map(lambda a, u: a + jnp.where(apply, u, 0).astype(a.dtype), accumulated, update),
+      count + apply.astype(jnp.int32),
       _select(apply, new_rw, rw),
       skipped + bad.astype(jnp.int32),
       jnp.where(bad, in_row + 1, jnp.where(apply, 0, in_row)),
-      frozen,
     )
     safe = lambda x: jnp.where(apply, x, 0.0)
     out = {
@@ -503,6 +511,33 @@ def make_train_step(
     }
     return carry, out
 
+  def chunk(carry, mbs, teacher_states, mixing):
+    """A run of micro-batches that no window boundary cuts, then the window check.
+
+    The parameters and the inner optimizer state are loop constants of the micro-batch scan;
+    only the combiner state and the running sum move. A window closes at the first chunk end
+    with `accum` applied micro-steps (exactly every `accum` micro-steps when none is skipped),
+    and the inner chain (AdamW) then runs once on the window's mean.
+    """
+    params, opt_state, rw, skipped, in_row, frozen = carry
+    body = lambda c, mb: microstep(c, mb, params, frozen, teacher_states, mixing)
+    inner_carry = (opt_state.combiner, opt_state.accumulated, opt_state.count, rw, skipped, in_row)
+    (combiner_state, accumulated, count, rw, skipped, in_row), out = jax.lax.scan(
+      body, inner_carry, mbs
+    )
+    close = count >= accum
+    mean = jax.tree.map(lambda a: a / jnp.maximum(count, 1).astype(a.dtype), accumulated)
+    updates, new_inner = tx.inner.update(mean, opt_state.inner, params)
+    opt_state = optimizer_lib.DistillOptState(
+      combiner=combiner_state,
+      inner=_select(close, new_inner, opt_state.inner),
+      accumulated=jax.tree.map(lambda a: jnp.where(close, jnp.zeros_like(a), a), accumulated),
+      count=jnp.where(close, 0, count),
+    )
+    params = _select(close, optax.apply_updates(params, updates), params)
+    rw = _select(rw.count >= accum, plan.reweighter.update(rw), rw)
+    return (params, opt_state, rw, skipped, in_row, frozen), out
+
   def step(state: state_lib.TrainState, batch, rng, teacher_states=()):
     del rng  # Deterministic given the state: AGP draws its order from its own carried key.
     missing = [k for k in BATCH_KEYS if k not in batch]
@@ -512,8 +547,12 @@ def make_train_step(
     if b % micro:
       raise ValueError(f"batch size {b} is not a multiple of microbatch_size {micro}")
     n_micro = b // micro
+    # Chunks of gcd(micro-batches, accum): every window boundary falls on a chunk end.
+    per_chunk = math.gcd(n_micro, accum)
     split = {
-      k: jnp.asarray(batch[k]).reshape((n_micro, micro) + tuple(batch[k].shape[1:]))
+      k: jnp.asarray(batch[k]).reshape(
+        (n_micro // per_chunk, per_chunk, micro) + tuple(batch[k].shape[1:])
+      )
       for k in BATCH_KEYS
     }
     mixing = losses.mixing_matrix(config.mixing, config.other_row)
@@ -530,8 +569,9 @@ def make_train_step(
       state.consecutive_skips,
       state.frozen,
     )
-    body = lambda c, mb: microstep(c, mb, teacher_states, mixing)
+    body = lambda c, mbs: chunk(c, mbs, teacher_states, mixing)
     carry, per_micro = jax.lax.scan(body, carry, split)
+    per_micro = jax.tree.map(lambda x: x.reshape((n_micro,) + x.shape[2:]), per_micro)
     params, opt_state, rw, skipped, in_row, _ = carry
     new_state = state.replace(
       step=state.step + 1,

@@ -3,8 +3,8 @@
 Phases: mesh and rules -> data (synthetic data generated into the workdir when the config asks)
 -> student born sharded, teachers sharded by the same rules, preset-built teachers warmed up with
 plain CE when `config.teacher_warmup.steps` > 0 (saved once under `<workdir>/teachers/<name>/`,
-reloaded by later launches), then frozen -> optimizer (AGP ->
-MultiSteps(clip -> AdamW with warmup-cosine)) -> train state -> restore the latest checkpoint ->
+reloaded by later launches), then frozen -> optimizer (AGP per micro-step -> window mean ->
+clip -> AdamW with warmup-cosine) -> train state -> restore the latest checkpoint ->
 jitted, donated, non-finite-guarded step loop with metrics, checkpoints and SIGTERM handling ->
 final checkpoint -> evaluation summary (of the teachers too when `config.eval.teachers`).
 
@@ -29,7 +29,7 @@ from absl import logging
 from drivekd_jax.train import checkpoint as ckpt_lib
 from drivekd_jax.train import metrics as metrics_lib
 from drivekd_jax.train import sharding as sharding_lib
-from drivekd_jax.train.optimizer import build_optimizer
+from drivekd_jax.train.optimizer import build_distill_optimizer, build_optimizer
 
 
 class NonFiniteError(RuntimeError):
@@ -873,7 +873,7 @@ def build_experiment(config: Any, workdir: str) -> Experiment:
   opt["accumulation_steps"] = distill.grad_accum_steps
   from ml_collections import ConfigDict
 
-  tx, schedule = build_optimizer(ConfigDict(opt), micro_steps, gradient_combiner=combiner)
+  tx, schedule = build_distill_optimizer(ConfigDict(opt), micro_steps, combiner)
 
   rng = jax.random.key(int(config.seed))
   graphdef, params, frozen = state_lib.split_student(student, distill.trainable)
