@@ -12,14 +12,15 @@ from ml_collections import config_flags
 
 # task name -> "module:function"; each function takes (config, workdir).
 TASKS = {
-    "drivekd.generate": "drivekd_jax.models.demo:run",
-    "drivekd.train": "drivekd_jax.train.trainer:run",
-    "drivekd.eval": "drivekd_jax.eval.driving:run",
-    "imug.eval": "imug_jax.run:run",
+  "drivekd.generate": "drivekd_jax.models.demo:run",
+  "drivekd.train": "drivekd_jax.train.trainer:run",
+  "drivekd.eval": "drivekd_jax.eval.driving:run",
+  "imug.eval": "imug_jax.run:run",
 }
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Experiment config file.", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
 
 

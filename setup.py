@@ -3,45 +3,45 @@
 import setuptools
 
 CORE = [
-    "jax>=0.10",
-    "flax>=0.12.8",
-    "optax>=0.2.8",
-    "orbax-checkpoint>=0.12",
-    "tensorflow-datasets>=4.9.10",
-    "importlib_resources",
-    "array-record",
-    "chex",
-    "absl-py",
-    "ml-collections",
-    "grain>=0.2.18",
-    "numpy",
-    "pillow",
-    "tokenizers",
-    "safetensors",
-    "tqdm",
-    "tensorboardX",
-    "opencv-python-headless",
+  "jax>=0.10",
+  "flax>=0.12.8",
+  "optax>=0.2.8",
+  "orbax-checkpoint>=0.12",
+  "tensorflow-datasets>=4.9.10",
+  "importlib_resources",
+  "array-record",
+  "chex",
+  "absl-py",
+  "ml-collections",
+  "grain>=0.2.18",
+  "numpy",
+  "pillow",
+  "tokenizers",
+  "safetensors",
+  "tqdm",
+  "tensorboardX",
+  "opencv-python-headless",
 ]
 
 TEST = [
-    "pytest",
-    "pytest-xdist",
-    "ruff",
-    "torch==2.13.0",
-    "transformers>=5",
+  "pytest",
+  "pytest-xdist",
+  "ruff",
+  "torch==2.13.0",
+  "transformers>=5",
 ]
 
 setuptools.setup(
-    name="drivekd-jax",
-    version="0.1.0",
-    description=(
-        "JAX/Flax reimplementation of Drive-KD (multi-teacher attention"
-        " distillation for driving VLMs) and the IMUG-Bench evaluator."
-    ),
-    packages=setuptools.find_packages(include=["drivekd_jax*", "imug_jax*"]),
-    package_data={"imug_jax": ["data/*.json"]},
-    py_modules=["launch"],
-    python_requires=">=3.11",
-    install_requires=CORE,
-    extras_require={"test": TEST},
+  name="drivekd-jax",
+  version="0.1.0",
+  description=(
+    "JAX/Flax reimplementation of Drive-KD (multi-teacher attention"
+    " distillation for driving VLMs) and the IMUG-Bench evaluator."
+  ),
+  packages=setuptools.find_packages(include=["drivekd_jax*", "imug_jax*"]),
+  package_data={"imug_jax": ["data/*.json"]},
+  py_modules=["launch"],
+  python_requires=">=3.11",
+  install_requires=CORE,
+  extras_require={"test": TEST},
 )

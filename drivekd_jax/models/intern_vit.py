@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from drivekd_jax.models.config import VisionConfig, as_dtype
-from drivekd_jax.models.layers import Linear, RMSNorm, attention, param
+from drivekd_jax.models.layers import Linear, RMSNorm, attention, dense, param
 
 
 def torch_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
@@ -118,7 +118,7 @@ class VisionEmbeddings(nnx.Module):
     patches = pixel_values.astype(self.dtype).reshape(n, grid_h, patch, grid_w, patch, channels)
     patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(n, grid_h * grid_w, -1)
     kernel = self.patch_kernel[...].astype(self.dtype).reshape(patch * patch * channels, -1)
-    tokens = jnp.dot(patches, kernel) + self.patch_bias[...].astype(self.dtype)
+    tokens = dense(patches, kernel) + self.patch_bias[...].astype(self.dtype)
     width = tokens.shape[-1]
     cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (n, 1, width))
     tokens = jnp.concatenate([cls, tokens], axis=1)

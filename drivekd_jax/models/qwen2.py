@@ -37,6 +37,7 @@ from drivekd_jax.models.layers import (
   RMSNorm,
   apply_rope,
   attention,
+  dense,
   gather_key_columns,
   rope_tables,
 )
@@ -313,9 +314,7 @@ class Decoder(nnx.Module):
     if self.lm_head is None:
       return self.embed_tokens.attend(hidden)
     kernel = self.lm_head.kernel[...].astype(self.dtype)
-    return jnp.einsum(
-      "...d,dv->...v", hidden.astype(self.dtype), kernel, preferred_element_type=jnp.float32
-    )
+    return dense(hidden.astype(self.dtype), kernel, jnp.float32)
 
   def head(self, hidden: jax.Array) -> jax.Array:
     """The last block's output `[..., D]` -> fp32 logits `[..., V]` (final norm, then head)."""
