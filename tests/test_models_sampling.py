@@ -19,6 +19,7 @@ from drivekd_jax.models.sampling import (
   SamplerLoop,
   SamplingMethod,
   completions,
+  greedy_tokens,
 )
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
@@ -196,3 +197,14 @@ def test_sharded_decoder_and_cache_generate_the_same_tokens(small_model):
   state = sampler.generate(ids)
   np.testing.assert_array_equal(state.tokens, expected)
   assert state.cache.k[0].sharding.is_equivalent_to(cache_sharding.k[0], 4)
+
+
+def test_greedy_tokens_is_the_first_argmax():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(6, 500)).astype(np.float32)
+  logits[1, [7, 300]] = 9.0  # a tie: the first index wins, as in np.argmax
+  logits[2, :] = -np.inf
+  logits[3, 5] = np.inf
+  np.testing.assert_array_equal(jax.jit(greedy_tokens)(logits), np.argmax(logits, axis=-1))
+  logits[4, [3, 40]] = np.nan
+  assert int(greedy_tokens(jnp.asarray(logits))[4]) == 3
