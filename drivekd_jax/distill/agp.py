@@ -29,6 +29,8 @@ reach is the union of the reaches of the gradients it is built from). E.g. the p
 Per-sample AGP then accumulation (the official code: microbatch 1, grads scaled by 1/k and
 summed, AdamW every k samples) is `optax.chain(agp, optax.MultiSteps(adamw, k))`: MultiSteps
 averages the k per-sample AGP outputs, and AGP is positively homogeneous (AGP(g/k) = AGP(g)/k).
+The Drive-KD train step runs that chain as `train.optimizer.DistillOptimizer`, which computes
+AdamW once per window instead of on every micro-step.
 
 Modes:
   "agp"     the official algorithm above.

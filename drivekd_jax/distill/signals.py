@@ -75,7 +75,7 @@ class DistillConfig:
       teacher, the official default; (0, 1, 2): one per capability).
     agp_mode, agp_seed: see `drivekd_jax.distill.agp` ("sum" = official `--no-agp`).
     microbatch_size: samples per AGP application (official 1); a batch of B runs B/microbatch
-      micro-steps, each a mini-step of the optimizer (accumulate with `optax.MultiSteps`).
+      micro-steps, each a mini-step of the optimizer (`train.optimizer.DistillOptimizer`).
     grad_accum_steps: micro-steps per optimizer update (the dynamic reweighting window).
     dynamic_weights: the official GradNorm-like reweighting (§3.3, default on in the code).
     reweight_*: its hyper-parameters (official defaults).

@@ -516,8 +516,10 @@ def make_train_step(
 
     The parameters and the inner optimizer state are loop constants of the micro-batch scan;
     only the combiner state and the running sum move. A window closes at the first chunk end
-    with `accum` applied micro-steps (exactly every `accum` micro-steps when none is skipped),
-    and the inner chain (AdamW) then runs once on the window's mean.
+    with at least `accum` applied micro-steps, which is exactly every `accum` micro-steps when
+    none is skipped (chunks divide `accum`); the inner chain (AdamW) then runs once on the mean
+    of the window's applied micro-steps. (With skips MultiSteps would close a window at exactly
+    `accum` applied micro-steps; the official code does not skip.)
     """
     params, opt_state, rw, skipped, in_row, frozen = carry
     body = lambda c, mb: microstep(c, mb, params, frozen, teacher_states, mixing)
