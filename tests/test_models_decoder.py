@@ -327,3 +327,22 @@ def test_cross_entropy_gradients_match_transformers(pair):
     close(np.asarray(ours["lm_head"]["kernel"][...]), hf_grads["lm_head.weight"].grad.numpy().T)
   embed = hf_grads["model.embed_tokens.weight"].grad.numpy()
   close(np.asarray(ours["embed_tokens"]["embedding"][...]), embed)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_gradients_equal_the_plain_products(dtype):
+  """`dense` (custom kernel gradient) against autodiff of the same einsum, 3-D input, an fp32
+  output like the LM head's: with bf16 operands the fp32 cotangent must not be rounded first."""
+  from drivekd_jax.models.layers import dense
+
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 64, 48)), dtype)
+  kernel = jnp.asarray(rng.normal(size=(48, 96)) * 0.1, dtype)
+  cotangent = jnp.asarray(rng.normal(size=(2, 64, 96)), jnp.float32)
+  plain = lambda a, b: jnp.einsum("btd,dv->btv", a, b, preferred_element_type=jnp.float32)
+  ours = jax.jit(lambda a, b: jax.vjp(lambda a, b: dense(a, b, jnp.float32), a, b)[1](cotangent))
+  reference = jax.jit(lambda a, b: jax.vjp(plain, a, b)[1](cotangent))
+  for got, want in zip(ours(x, kernel), reference(x, kernel)):
+    assert got.dtype == want.dtype == dtype
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert np.mean(np.abs(got - want)) <= 1e-4 * np.mean(np.abs(want))

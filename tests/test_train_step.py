@@ -317,3 +317,26 @@ def test_window_accumulation_equals_the_multisteps_chain(models):
     assert int(spanning.opt_state.count) == (i + 1) % 2
   jax.tree.map(close, spanning.params, params)
   jax.tree.map(moments_close, spanning.opt_state.inner, reference_moments)
+
+  # A non-finite micro-batch adds nothing to its (fixed) window: AdamW on the first window's one
+  # applied update, then on the mean of the second window's two.
+  bad = {k: np.array(v) for k, v in batch.items()}
+  bad["pixel_values"][1] = np.nan
+  combine = jax.jit(
+    lambda g, s, p: tx.combiner.update(g, s, p, capability_active=jnp.ones(3, bool))
+  )
+  params, combiner_state = state0.params, tx.combiner.init(state0.params)
+  inner_state = tx.inner.init(state0.params)
+  for window in ((0,), (2, 3)):
+    outs = []
+    for i in window:
+      mb = {k: jnp.asarray(v[i : i + 1]) for k, v in batch.items()}
+      out, combiner_state = combine(stacked_grads(params, mb), combiner_state, params)
+      outs.append(out)
+    mean = jax.tree.map(lambda *o: sum(o) / len(o), *outs)
+    updates, inner_state = tx.inner.update(mean, inner_state, params)
+    params = optax.apply_updates(params, updates)
+  skipping, metrics = jitted(jax.tree.map(jnp.copy, state0), bad, jax.random.key(0), teachers)
+  assert float(metrics["skipped"]) == 1 and float(metrics["applied_microsteps"]) == 3
+  jax.tree.map(close, skipping.params, params)
+  jax.tree.map(moments_close, skipping.opt_state.inner, inner_state)

@@ -17,10 +17,11 @@ of `--torch_threads` and its fastest setting is the one compared (on a shared ma
 thread is often faster than spinning workers). The generated tokens are compared, so a speed-up
 can not come from doing something else.
 
-It also prints the memory-bandwidth bound of a decode step: each step streams every weight (the
+It also prints the bandwidth bound of a decode step: each step streams every weight (the
 embedding row aside), so at batch 1 tokens/s can not exceed bandwidth / weight bytes, whatever
-the framework. Small models are bound by per-token overhead (where a compiled loop wins most),
-large ones by that bound (where no framework can win much).
+the framework (the bandwidth of the memory level the weights come from, measured here). Small
+models are bound by per-token overhead (where a compiled loop wins most), large ones by that
+bound (where no framework can win much).
 """
 
 from __future__ import annotations
@@ -81,9 +82,10 @@ def _random_qwen2(directory: str, shape: dict):
 
 
 def _read_bandwidth(num_bytes: int = 64 << 20, repeats: int = 20) -> float:
-  """Bytes/s this machine streams from memory: the best of `repeats` torch sums over a
-  `num_bytes` fp32 tensor with torch's default threads (larger than the weights, so it is not
-  a cache figure)."""
+  """Bytes/s this machine streams a `num_bytes` fp32 tensor: the best of `repeats` torch sums
+  with torch's default threads. The buffer is larger than any default shape's weights, so it
+  comes from the same level of the memory hierarchy as they do (on a machine whose last-level
+  cache holds it, as the 480 MB L3 of our 2-core test machine does, that is cache bandwidth)."""
   import torch
 
   data = torch.ones(num_bytes // 4)

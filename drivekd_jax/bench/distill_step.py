@@ -15,7 +15,8 @@ The PyTorch side is the official algorithm on `transformers` InternVL: eager att
 official loop runs the shared teacher once per capability), one backward pass per loss with
 `retain_graph`, the per-sample AGP over all parameters in Python, gradient accumulation and
 AdamW every 4 samples, then the reweighting update. Ours is `drivekd_jax.train.step` (one
-teacher forward, one student forward, one VJP for all four losses).
+teacher forward and one student forward per sample; each loss pulled back from that forward
+only through the blocks it reaches; AdamW once per 4 samples).
 
 Each implementation runs in its own subprocess, so its memory figures are its own: the peak
 resident memory while the timed steps run (the kernel's high-water mark VmHWM, reset through

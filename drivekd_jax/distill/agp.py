@@ -55,6 +55,9 @@ import optax
 
 MODES = ("agp", "sum", "pcgrad", "stage1", "stage2")
 _EPS_DENOM = 1e-20
+# fp32 products at full precision everywhere (GPUs default to TF32 for fp32 matmuls): conflicts
+# are signs of sums that may nearly cancel.
+_EXACT = jax.lax.Precision.HIGHEST
 
 
 class AGPState(NamedTuple):
@@ -111,15 +114,15 @@ def leafwise_class_gram(stacked_updates) -> tuple[jax.Array, list[jax.Array]]:
     # of a stack is its operand, so a caller that stacks its rows only for this call never
     # materialises the stack.
     rows = [leaf[m].astype(jnp.float32).reshape(-1) for m in range(n)]
-    pair_sums.append(
-      jnp.stack([jnp.dot(rows[i], rows[j], preferred_element_type=jnp.float32) for i, j in pairs])
-    )
+    pair_sums.append(jnp.stack([jnp.dot(rows[i], rows[j], precision=_EXACT) for i, j in pairs]))
     # A sum of magnitudes is zero exactly when every entry is (it cannot underflow, unlike a
-    # sum of squares).
+    # sum of squares); a row with a NaN reads as unreached, and its micro-step is skipped.
     reached = jnp.stack([jnp.sum(jnp.abs(row)) > 0 for row in rows])
     classes.append(jnp.sum(reached.astype(jnp.int32) * (2 ** np.arange(n))))
   leaf_class = jax.nn.one_hot(jnp.stack(classes), 2**n, dtype=jnp.float32)
-  gram = jnp.einsum("ls,lp,pab->sab", leaf_class, jnp.stack(pair_sums), pair_to_gram)
+  gram = jnp.einsum(
+    "ls,lp,pab->sab", leaf_class, jnp.stack(pair_sums), pair_to_gram, precision=_EXACT
+  )
   return gram, classes
 
 

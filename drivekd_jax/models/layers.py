@@ -50,7 +50,8 @@ def _dense_fwd(x, kernel, out_dtype):
 def _dense_bwd(out_dtype, residuals, d_y):
   del out_dtype
   x, kernel = residuals
-  d_y = d_y.astype(x.dtype)
+  # Products in the cotangent's precision (an fp32 head cotangent meets bf16 operands in fp32,
+  # as JAX's own transpose does), rounded to each operand's dtype afterwards.
   d_x = jnp.dot(d_y, kernel.T)
   x_2d = x.reshape(-1, x.shape[-1])
   d_y_2d = d_y.reshape(-1, d_y.shape[-1])

@@ -87,13 +87,15 @@ class DistillOptState(NamedTuple):
     combiner: the combiner's state (e.g. `AGPState`).
     inner: the inner chain's state (AdamW moments, ...).
     accumulated: sum of the combiner outputs of the current window, param-shaped.
-    count: int32, micro-steps in the current window.
+    count: int32, micro-steps in the current window (skipped and padding-only ones included).
+    applied: int32, the applied ones among them (what `accumulated` averages over).
   """
 
   combiner: Any
   inner: Any
   accumulated: Any
   count: jax.Array
+  applied: jax.Array
 
 
 class DistillOptimizer(NamedTuple):
@@ -105,7 +107,10 @@ class DistillOptimizer(NamedTuple):
   accumulation))`, the official per-sample AGP then accumulation, but the train step runs the
   pieces itself (`train.step`): inside its scan over micro-batches only the combiner and the
   running sum run per micro-step, and AdamW runs once per window instead of on every micro-step
-  with its result thrown away (which is what MultiSteps must do under `jit`).
+  with its result thrown away (which is what MultiSteps must do under `jit`). Windows are fixed
+  spans of `accumulation` micro-steps; a micro-step the step skips (non-finite, or padding
+  only) adds nothing and the mean is over the applied ones, where MultiSteps would lengthen the
+  window instead (the official code never skips).
 
   Attributes:
     combiner: `[1+K, ...]` gradients -> one update (`GradientTransformationExtraArgs`).
@@ -123,6 +128,7 @@ class DistillOptimizer(NamedTuple):
       inner=self.inner.init(params),
       accumulated=optax.tree.zeros_like(params),
       count=jnp.zeros((), jnp.int32),
+      applied=jnp.zeros((), jnp.int32),
     )
 
   def as_chain(self) -> optax.GradientTransformationExtraArgs:

@@ -16,9 +16,10 @@ Inside, for each micro-batch of `config.microbatch_size` samples (official: 1), 
   4. the combiner (AGP, an optax transformation) turns them into one update, summed over the
      window; a micro-batch with a non-finite loss or gradient is skipped and counted, a
      micro-batch of padding examples only is skipped silently;
-  5. every `grad_accum_steps` applied micro-steps the window closes: the inner chain (AdamW) runs
-     once on the mean of its updates (`optimizer.DistillOptimizer`, equal to
-     `chain(AGP, MultiSteps(AdamW))`), and the dynamic weights update from its statistics.
+  5. every `grad_accum_steps` micro-steps the window closes: the inner chain (AdamW) runs once on
+     the mean of its applied micro-steps' updates (`optimizer.DistillOptimizer`, equal to
+     `chain(AGP, MultiSteps(AdamW))` when none is skipped), and the dynamic weights update from
+     the window's statistics.
 
 Batch (numpy or jax): input_ids, labels, attention_mask, image_mask, positions [B, L],
 pixel_values [B, M, H, W, 3], capability [B] int32, example_mask [B] bool.
@@ -106,7 +107,7 @@ def make_optimizer(
 def init_train_state(
   config: signals_lib.DistillConfig,
   student: nnx.Module,
-  tx: optax.GradientTransformation,
+  tx: optimizer_lib.DistillOptimizer,
   rng: jax.Array,
   teacher_configs: Sequence[InternVLConfig] = (),
 ) -> tuple[Any, state_lib.TrainState]:
@@ -471,7 +472,7 @@ def make_train_step(
 
   def microstep(carry, mb, params, frozen, teacher_states, mixing):
     """One micro-batch: gradients, the combiner, and the window's running sum."""
-    combiner_state, accumulated, count, rw, skipped, in_row = carry
+    combiner_state, accumulated, count, applied, rw, skipped, in_row = carry
     teacher_outs = _teacher_outputs(plan, teacher_states, mb)
     weights = jax.lax.stop_gradient(plan.reweighter.weights(rw))
     vec, stacked, (raw, mix_eff) = _weighted_gradients(
@@ -495,7 +496,8 @@ def make_train_step(
     carry = (
       _select(apply, new_combiner, combiner_state),
       jax.tree.map(lambda a, u: a + jnp.where(apply, u, 0).astype(a.dtype), accumulated, update),
-      count + apply.astype(jnp.int32),
+      count + 1,
+      applied + apply.astype(jnp.int32),
       _select(apply, new_rw, rw),
       skipped + bad.astype(jnp.int32),
       jnp.where(bad, in_row + 1, jnp.where(apply, 0, in_row)),
@@ -515,29 +517,40 @@ def make_train_step(
     """A run of micro-batches that no window boundary cuts, then the window check.
 
     The parameters and the inner optimizer state are loop constants of the micro-batch scan;
-    only the combiner state and the running sum move. A window closes at the first chunk end
-    with at least `accum` applied micro-steps, which is exactly every `accum` micro-steps when
-    none is skipped (chunks divide `accum`); the inner chain (AdamW) then runs once on the mean
-    of the window's applied micro-steps. (With skips MultiSteps would close a window at exactly
-    `accum` applied micro-steps; the official code does not skip.)
+    only the combiner state and the running sum move. Windows are fixed: every `accum`
+    micro-steps one closes (chunks divide `accum`, so that is a chunk end), and the inner chain
+    (AdamW) runs once on the mean over its applied micro-steps. A skipped (non-finite) or
+    padding-only micro-step adds nothing to its window, and a window with none applied makes
+    no update. With every micro-step applied this is `chain(AGP, MultiSteps(AdamW, accum))`
+    exactly; MultiSteps instead lengthens a window past a micro-step it does not count.
     """
     params, opt_state, rw, skipped, in_row, frozen = carry
     body = lambda c, mb: microstep(c, mb, params, frozen, teacher_states, mixing)
-    inner_carry = (opt_state.combiner, opt_state.accumulated, opt_state.count, rw, skipped, in_row)
-    (combiner_state, accumulated, count, rw, skipped, in_row), out = jax.lax.scan(
+    inner_carry = (
+      opt_state.combiner,
+      opt_state.accumulated,
+      opt_state.count,
+      opt_state.applied,
+      rw,
+      skipped,
+      in_row,
+    )
+    (combiner_state, accumulated, count, applied, rw, skipped, in_row), out = jax.lax.scan(
       body, inner_carry, mbs
     )
     close = count >= accum
-    mean = jax.tree.map(lambda a: a / jnp.maximum(count, 1).astype(a.dtype), accumulated)
+    update = close & (applied > 0)
+    mean = jax.tree.map(lambda a: a / jnp.maximum(applied, 1).astype(a.dtype), accumulated)
     updates, new_inner = tx.inner.update(mean, opt_state.inner, params)
     opt_state = optimizer_lib.DistillOptState(
       combiner=combiner_state,
-      inner=_select(close, new_inner, opt_state.inner),
+      inner=_select(update, new_inner, opt_state.inner),
       accumulated=jax.tree.map(lambda a: jnp.where(close, jnp.zeros_like(a), a), accumulated),
       count=jnp.where(close, 0, count),
+      applied=jnp.where(close, 0, applied),
     )
-    params = _select(close, optax.apply_updates(params, updates), params)
-    rw = _select(rw.count >= accum, plan.reweighter.update(rw), rw)
+    params = _select(update, optax.apply_updates(params, updates), params)
+    rw = _select(close, plan.reweighter.update(rw), rw)
     return (params, opt_state, rw, skipped, in_row, frozen), out
 
   def step(state: state_lib.TrainState, batch, rng, teacher_states=()):
