@@ -73,6 +73,14 @@ def _build(config, models, lr=1e-3, student_config=None, seed=0):
 LOSS_WEIGHTS = (0.7, 1.3, 2.0, 0.5)  # distinct per row, so a row mix-up shows
 
 
+def _plain_loss_vector(plan, frozen, teachers, mb):
+  """params -> the loss vector of one unsegmented student forward (`_loss_vector`), the
+  reference the step's segmented gradients are checked against."""
+  touts = step_lib._teacher_outputs(plan, teachers, mb)
+  mixing = step_lib.losses.mixing_matrix(plan.config.mixing)
+  return lambda p: step_lib._loss_vector(plan, p, frozen, mb, touts, mixing)[0]
+
+
 def _check_against_separate_grads(step, state, teachers, weights=LOSS_WEIGHTS, batch=None):
   """The step's stacked weighted gradients vs a vmapped VJP of the plain loss vector and vs one
   `jax.grad` per loss; also the AGP all-zero-leaf rule (the same leaves are exactly zero)."""
@@ -84,11 +92,11 @@ def _check_against_separate_grads(step, state, teachers, weights=LOSS_WEIGHTS, b
 
   @jax.jit
   def run(params):
-    touts = step_lib._teacher_outputs(plan, teachers, mb)
-    fn = lambda p: step_lib._loss_vector(plan, p, state.frozen, mb, touts, mixing)[0]
+    fn = _plain_loss_vector(plan, state.frozen, teachers, mb)
     vec, pullback = jax.vjp(fn, params)
     (vmapped,) = jax.vmap(pullback)(jnp.diag(weights))
     separate = [jax.grad(lambda p, i=i: fn(p)[i])(params) for i in range(n)]
+    touts = step_lib._teacher_outputs(plan, teachers, mb)
     ours = step_lib._weighted_gradients(plan, params, state.frozen, mb, touts, mixing, weights)
     return vec, vmapped, separate, ours
 
@@ -278,13 +286,11 @@ def test_window_accumulation_equals_the_multisteps_chain(models):
   step, state0, teachers = _build(config, models, lr=1e-3)
   plan, tx = step.plan, step_lib.make_optimizer(config, 1e-3)
   batch = make_batch(seed=5, batch=4)
-  mixing = step_lib.losses.mixing_matrix(config.mixing)
   weights = plan.reweighter.weights(state0.reweight)
 
   @jax.jit
   def stacked_grads(params, mb):
-    touts = step_lib._teacher_outputs(plan, teachers, mb)
-    fn = lambda p: step_lib._loss_vector(plan, p, state0.frozen, mb, touts, mixing)[0]
+    fn = _plain_loss_vector(plan, state0.frozen, teachers, mb)
     grads = [jax.grad(lambda p, i=i: fn(p)[i])(params) for i in range(4)]
     return jax.tree.map(lambda *g: jnp.stack([w * x for w, x in zip(weights, g)]), *grads)
 

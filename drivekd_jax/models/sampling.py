@@ -121,8 +121,8 @@ class SamplerLoop:
 
   def __post_init__(self):
     # jit hashes a static argument on every call; a graphdef's hash walks the whole graph.
-    fields = (self.graphdef, self.max_new_tokens, self.stop_token_ids, self.pad_token_id)
-    object.__setattr__(self, "_hash", hash(fields + (self.method,)))
+    fields = tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+    object.__setattr__(self, "_hash", hash(fields))
 
   def __hash__(self) -> int:
     return self._hash
@@ -239,9 +239,10 @@ class Sampler:
     self.cache_dtype = cache_dtype or decoder.dtype
     self.cache_sharding = cache_sharding
     self._new_cache = jax.jit(
-      functools.partial(KVCache.create, self.config),
+      functools.partial(
+        KVCache.create, self.config, cache_length=cache_length, dtype=self.cache_dtype
+      ),
       static_argnums=(0,),
-      static_argnames=("cache_length", "dtype"),
       out_shardings=cache_sharding,
     )
     self.loop = SamplerLoop(
@@ -274,7 +275,7 @@ class Sampler:
     batch, length = chunk.shape[:2]
     if length + 1 > self.cache_length:
       raise ValueError(f"a prompt of {length} tokens does not fit a cache of {self.cache_length}")
-    cache = self._new_cache(batch, cache_length=self.cache_length, dtype=self.cache_dtype)
+    cache = self._new_cache(batch)
     no_pending = jnp.zeros((batch,), jnp.int32)
     return self._run(chunk, attention_mask, cache, no_pending, jnp.zeros((batch,), bool), rng)
 

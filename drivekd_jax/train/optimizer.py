@@ -55,8 +55,10 @@ def _inner_chain(opt_config: Any, schedule: optax.Schedule) -> optax.GradientTra
   return optax.chain(*inner)
 
 
-def _accumulation(opt_config: Any) -> int:
-  return max(1, int(opt_config.get("accumulation_steps", 1)))
+def _accumulation_and_schedule(opt_config: Any, num_steps: int) -> tuple[int, optax.Schedule]:
+  """Micro-steps per update, and the schedule over the run's `num_steps // accumulation`."""
+  accumulation = max(1, int(opt_config.get("accumulation_steps", 1)))
+  return accumulation, learning_rate_schedule(opt_config, max(1, num_steps // accumulation))
 
 
 def build_optimizer(
@@ -72,8 +74,7 @@ def build_optimizer(
   Returns:
     (transformation, schedule over optimizer updates).
   """
-  accumulation = _accumulation(opt_config)
-  schedule = learning_rate_schedule(opt_config, max(1, num_steps // accumulation))
+  accumulation, schedule = _accumulation_and_schedule(opt_config, num_steps)
   tx = _inner_chain(opt_config, schedule)
   if accumulation > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=accumulation).gradient_transformation()
@@ -153,7 +154,6 @@ def build_distill_optimizer(
   Returns:
     (optimizer, schedule over optimizer updates).
   """
-  accumulation = _accumulation(opt_config)
-  schedule = learning_rate_schedule(opt_config, max(1, num_steps // accumulation))
+  accumulation, schedule = _accumulation_and_schedule(opt_config, num_steps)
   optimizer = DistillOptimizer(gradient_combiner, _inner_chain(opt_config, schedule), accumulation)
   return optimizer, schedule
