@@ -7,19 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from _paths import data_file
 
 from drivekd_jax.data import records as rec
 from drivekd_jax.data.drivebench import CORRUPTIONS, DriveBench
 from drivekd_jax.data.drivekd_qa import DriveKDQA
 from drivekd_jax.data.drivelm import DriveLM
-
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def shared_file(*parts: str) -> Path:
-  path = SHARED_DATA.joinpath(*parts)
-  assert path.is_file(), f"real release file missing (CI puts shared/ beside the clone): {path}"
-  return path
 
 
 def write_image(path: Path, value: int, size=(6, 10)) -> None:
@@ -127,7 +120,7 @@ def test_resolve_under_root_escape_and_missing(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # DriveBench: a fixture in the release schema, every field checked.
 
-VD_PATH = shared_file("drivebench", "visual_description.json")
+VD_PATH = data_file("drivebench", "visual_description.json")
 _VD = json.loads(VD_PATH.read_text())
 VD_SCENE = next(iter(_VD))
 VD_FRAME = next(iter(_VD[VD_SCENE]["key_frames"]))
@@ -569,7 +562,7 @@ def real_lm_root(tmp_path_factory):
   """Images rendered for every path the real DriveLM files name."""
   root = tmp_path_factory.mktemp("real_lm")
   for name in ("train_sample.json", "test_eval.json"):
-    data = json.loads(shared_file("drivelm", name).read_text())
+    data = json.loads(data_file("drivelm", name).read_text())
     for scene in data.values():
       for frame in scene["key_frames"].values():
         for camera, path in frame["image_paths"].items():
@@ -578,7 +571,7 @@ def real_lm_root(tmp_path_factory):
 
 
 def _real_lm_qas(name: str):
-  data = json.loads(shared_file("drivelm", name).read_text())
+  data = json.loads(data_file("drivelm", name).read_text())
   out = {}
   for scene_token, scene in data.items():
     for frame_token, frame in scene["key_frames"].items():
@@ -593,7 +586,7 @@ def test_real_drivelm_train_sample(real_lm_root, tmp_path):
   builder = DriveLM(
     data_dir=tmp_path,
     manual_dir=real_lm_root,
-    json_path=shared_file("drivelm", "train_sample.json"),
+    json_path=data_file("drivelm", "train_sample.json"),
     drivebench_json=VD_PATH,
   )
   builder.download_and_prepare()
@@ -618,7 +611,7 @@ def test_real_drivelm_test_eval(real_lm_root, tmp_path):
   builder = DriveLM(
     data_dir=tmp_path,
     manual_dir=real_lm_root,
-    json_path=shared_file("drivelm", "test_eval.json"),
+    json_path=data_file("drivelm", "test_eval.json"),
     exclude_drivebench=False,
   )
   builder.download_and_prepare()
@@ -633,13 +626,13 @@ def test_real_drivelm_test_eval(real_lm_root, tmp_path):
 
 
 def test_real_drivekd_demo(tmp_path):
-  demo = json.loads(shared_file("drivekd", "demo.json").read_text())
+  demo = json.loads(data_file("drivekd", "demo.json").read_text())
   root = tmp_path / "images"
   for item in demo:
     for i, path in enumerate(item["images"]):
       write_image(root / rec.strip_relative_prefix(path), i)
   builder = DriveKDQA(
-    data_dir=tmp_path / "out", manual_dir=root, json_path=shared_file("drivekd", "demo.json")
+    data_dir=tmp_path / "out", manual_dir=root, json_path=data_file("drivekd", "demo.json")
   )
   builder.download_and_prepare()
   records = read_all(builder, "train")

@@ -6,12 +6,12 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import PIL.Image
 import pytest
+from _paths import data_file
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -235,7 +235,7 @@ def test_global_batch_on_eight_devices(records, processor):
 
 def test_drivekd_demo_through_tfds_builder_and_pipeline(processor, tmp_path):
   """The released demo.json -> DriveKDQA builder (array_record) -> data source -> pipeline."""
-  demo_path = Path(__file__).resolve().parents[2] / "shared" / "data" / "drivekd" / "demo.json"
+  demo_path = data_file("drivekd", "demo.json")
   demo = json.loads(demo_path.read_text())
   image_root = tmp_path / "images"
   images = {}

@@ -10,6 +10,7 @@ import pytest
 import tokenizers
 import torch
 import transformers
+from _paths import data_file
 from tokenizers import models, pre_tokenizers, trainers
 
 from drivekd_jax.data import tokenizer as tok
@@ -28,8 +29,6 @@ from drivekd_jax.data.processor import (
   resize_bicubic,
   tile_image,
 )
-
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 TRAINING_TEXT = [
   "What is the moving status of object <c1,CAM_FRONT,0.4678,0.6772>? Please select the correct "
@@ -404,7 +403,7 @@ def test_record_from_driving_builder(processor, tokenizer):
 
 
 def test_drivekd_demo_json_messages(processor, tokenizer, tmp_path):
-  demo = json.loads((SHARED_DATA / "drivekd" / "demo.json").read_text())
+  demo = json.loads(data_file("drivekd", "demo.json").read_text())
   assert len(demo) == 7
   for index, sample in enumerate(demo):
     # The release ships no images: render one small image per listed path.

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _paths import data_file
 
 from imug_jax.data import release, schema, synthetic, tfds_builder
 from imug_jax.data.schema import BenchmarkFormatError
 from imug_jax.models import image_tokenizer as itok
 from imug_jax.scoring import grid as grid_scorer
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "imug"
+REAL = data_file("imug")
 
 
 def test_real_domain_classes_match_the_shipped_mapping():

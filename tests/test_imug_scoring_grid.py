@@ -1,15 +1,14 @@
 """The Geometric_Coloring grid scorer: rendered grids, noise, near-miss colours, real truths."""
 
-from pathlib import Path
-
 import cv2
 import numpy as np
 import pytest
+from _paths import data_file
 
 from imug_jax.data import schema
 from imug_jax.scoring import grid
 
-GRID_GT = Path(__file__).resolve().parents[2] / "shared" / "data" / "imug" / "data" / "grid_gt"
+GRID_GT = data_file("imug", "data", "grid_gt")
 
 # BGR fills. Near misses sit just outside the official HSV rules.
 FILLS = {
