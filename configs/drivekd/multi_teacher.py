@@ -3,7 +3,7 @@ r"""Drive-KD multi-teacher distillation (official recipe) on synthetic driving d
     python launch.py --config=configs/drivekd/multi_teacher.py --workdir=/tmp/drivekd_multi
     python launch.py --config=configs/drivekd/multi_teacher.py:agp_mode=sum --workdir=...
 
-The official multi-teacher objective (drivekd_method.md §3.2-3.4): CE plus the perception
+The official multi-teacher objective (docs/drivekd_method.md §3.2-3.4): CE plus the perception
 (layer-1 text->image attention), reasoning (grouped intermediate full attention) and planning
 (penultimate text->image attention) losses, mixed by the capability rows (0.8/0.1/0.1), weighted
 dynamically, combined per sample by AGP and accumulated over 4 samples; AdamW lr 5e-5 in the

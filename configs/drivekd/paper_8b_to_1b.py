@@ -19,7 +19,7 @@ Inputs (local files only; nothing is downloaded):
   Both are converted once into TFDS array_record files under data.tfds_dir (default
   <workdir>/data/tfds).
 
-Recipe (official code defaults, drivekd_method.md §3; the paper's own values are unknown):
+Recipe (official code defaults, docs/drivekd_method.md §3; the paper's values are unknown):
 one shared InternVL3-8B teacher (the code's default when no per-capability path is given),
 mixing rows 0.8/0.1/0.1, dynamic loss weights, AGP per sample, micro-batch 1, 4 accumulated
 samples per AdamW update (lr 5e-5, betas 0.9/0.999, no weight decay), cosine decay to 1% over

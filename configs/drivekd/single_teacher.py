@@ -3,8 +3,8 @@ r"""Drive-KD single-teacher distillation of one capability, on synthetic driving
     python launch.py --config=configs/drivekd/single_teacher.py:planning --workdir=/tmp/kd_pl
     python launch.py --config=configs/drivekd/single_teacher.py:perception,signal=hidden ...
 
-The single-capability protocol (drivekd_method.md §3.1, Table 3): CE plus the one attention loss
-of the chosen capability, trained and evaluated on that capability's questions only:
+The single-capability protocol (docs/drivekd_method.md §3.1, Table 3 in §6): CE plus the one
+attention loss of the chosen capability, trained and evaluated on that capability's questions only:
   perception: layer-1 text->image attention (A_tv),
   reasoning:  grouped intermediate-layer full attention (layers 0..-2),
   planning:   penultimate-layer text->image attention.

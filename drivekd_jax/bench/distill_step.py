@@ -3,7 +3,7 @@
   python -m drivekd_jax.bench.distill_step [--steps 3] [--impl both|jax|torch]
 
 One optimizer step = 4 samples, micro-batch 1, AGP on, all three capability losses, dynamic
-loss weights on, one shared teacher (the official defaults, `drivekd_method.md` §3). The
+loss weights on, one shared teacher (the official defaults, `docs/drivekd_method.md` §3). The
 "bench" shapes: 2 images of 224x224 (patch 14, ViT width 128 / 2 layers / 4 heads / MLP 512,
 64 tokens per image after the pixel shuffle); 128 text tokens of which the last 32 are the
 answer (sequence 256); student LLM width 256, 4 layers, 4 heads, 2 KV heads, FFN 768; teacher

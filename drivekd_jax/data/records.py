@@ -37,7 +37,7 @@ Images are stored encoded, not as `tfds.features.Image`: the contract with the i
 `tfds.decode.SkipDecoding` does not work with data sources, so bytes could not be had from an
 `Image` feature at read time.)
 
-Capability mapping (`capability_of`) is **our inference**, documented in the Drive-KD notes
+Capability mapping (`capability_of`) is **our inference**, in `docs/drivekd_method.md` §1
 (Drive-KD's Fig. 13 grades the behavior MCQ as Reasoning): perception -> perception; prediction
 and behavior -> reasoning; planning -> planning; Drive-KD's own reasoning -> reasoning; anything
 else (e.g. DriveBench's corruption "robustness" questions) -> other. Unknown types are kept.

@@ -5,7 +5,7 @@ hard-label (anchor) gradient, 1..K the weighted capability gradients (perception
 planning). Output: one update pytree without that axis, ready for
 `optax.chain(agp, ..., optax.adamw(...))`.
 
-Official algorithm (`shared/reference/drivekd_method.md` §3.4), with proj(f, a) = f − (f·a /
+Official algorithm (`docs/drivekd_method.md` §3.4), with proj(f, a) = f − (f·a /
 max(a·a, 1e-20)) a applied only when f·a < 0:
   Stage 1: c_k = g_0 + proj(g_k, g_0) for each active capability k (g_0 never changes).
   Stage 2: in a shuffled order, for i in perm, for j in perm, i ≠ j:

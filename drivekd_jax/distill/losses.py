@@ -1,7 +1,7 @@
 """Drive-KD losses: hard-label CE, attention-map distillation and the ablation signals.
 
 Every distillation loss returns one value per sample, `[B]`; the train step reduces over the
-batch (example mask, mixing matrix). Reference formulas: `shared/reference/drivekd_method.md`
+batch (example mask, mixing matrix). Reference formulas: `docs/drivekd_method.md`
 §2.3 (the official PyTorch code runs one sample per forward, batch 1).
 
 How padding enters (the faithful formulas are the batch-1, unpadded special case):

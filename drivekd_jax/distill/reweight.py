@@ -1,4 +1,4 @@
-"""The official GradNorm-like online loss reweighting (`drivekd_method.md` §3.3), as pure JAX.
+"""The official GradNorm-like online loss reweighting (`docs/drivekd_method.md` §3.3), as pure JAX.
 
 Losses are indexed like the loss vector: 0 = hard label (CE), 1..K = active capabilities.
 Weights are w = clamp(softplus(a) + eps, min, max), w_ce additionally ≥ min_ce; `a` starts at

@@ -1,7 +1,7 @@
 """Which signal each capability distils, and the `MapRequest` each model must materialise.
 
 A `DistillConfig` holds everything the train step reads (defaults = the official code,
-`shared/reference/drivekd_method.md` §2–3). `map_requests` turns it into one `MapRequest` for the
+`docs/drivekd_method.md` §2–3). `map_requests` turns it into one `MapRequest` for the
 student and one per teacher, so each model builds only the maps (or hidden states) its losses use.
 
 Signals (one per capability, options cover the paper's ablations, Table 3):
@@ -59,7 +59,7 @@ OFFICIAL_SIGNALS = {
 
 @dataclasses.dataclass(frozen=True)
 class DistillConfig:
-  """Everything the Drive-KD train step reads. Defaults follow the official code (§3).
+  """Everything the Drive-KD train step reads; defaults follow docs/drivekd_method.md §3.
 
   Attributes:
     capabilities: enabled capabilities, a subset of ("perception", "reasoning", "planning") in

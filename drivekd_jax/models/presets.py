@@ -1,6 +1,6 @@
 """InternVL3 shapes, 1B to 78B, and tiny configs for tests and demos.
 
-Language models are the Qwen2.5 shapes InternVL3 is built on (reference/driving_benchmarks.md
+Language models are the Qwen2.5 shapes InternVL3 is built on (`docs/data_formats.md`
 §3.5); vision towers are InternViT-300M-448px-V2_5 (1B-14B) and InternViT-6B-448px-V2_5 (38B,
 78B; 45 layers, RMSNorm, q/k norm, no qkv bias). The vocabulary is 151674 (InternVL3 adds its
 special tokens to Qwen2.5's 151643 + 22). Heads are untied for every size: InternVL builds the

@@ -85,7 +85,8 @@ def make_optimizer(
   weight_decay: float = 0.0,
 ) -> optimizer_lib.DistillOptimizer:
   """AGP, then AdamW on the mean of every `grad_accum_steps` micro-steps, with the official
-  defaults (§3.5): the trainer's builder with a constant learning rate and no clipping."""
+  defaults (docs/drivekd_method.md §3.5): the trainer's builder with a constant learning rate and
+  no clipping."""
   opt = ml_collections.ConfigDict(
     dict(
       learning_rate=learning_rate,

@@ -1117,7 +1117,9 @@ def teacher_config(
 
 
 def default_config():
-  """Every key `run` reads, with the official Drive-KD defaults (§3.5) where they exist.
+  """Every key `run` reads, with the official Drive-KD defaults where they exist.
+
+  The official defaults are listed in docs/drivekd_method.md §3.5.
 
   Config files start from this and change what their experiment needs.
   """

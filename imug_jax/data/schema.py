@@ -1,6 +1,6 @@
 """IMUG-Bench records: samples, turns and the reference files, parsed and validated.
 
-The release format (see `reference/imug_protocol.md` §1.4): one sample per line of
+The release format (see `docs/imug_protocol.md` §1.4): one sample per line of
 `benchmark.jsonl`:
 
   {"domain", "subdomain" (or "category"), "sample_id", "system_prompt"?,

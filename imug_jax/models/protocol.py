@@ -1,6 +1,6 @@
 """The `UnifiedModel` protocol and the official `/infer` message format.
 
-A history is the official message list (`reference/imug_protocol.md` §2.1):
+A history is the official message list (`docs/imug_protocol.md` §2.1):
 
   [{"role": "system" | "user" | "assistant",
     "content": [{"type": "text", "text": str} | {"type": "image", "image": <base64 PNG/JPEG>}]}]

@@ -1,6 +1,6 @@
 """The multi-turn rollout: each sample's turns in order against a `UnifiedModel`.
 
-For every turn (official `run_evaluation.py`, `reference/imug_protocol.md` §2.1): append the user
+For every turn (official `run_evaluation.py`, `docs/imug_protocol.md` §2.1): append the user
 turn (text items, images as base64), force the turn's output mode, call the model, append the
 assistant turn given by the history source (officially the model's own output), and record
 `model_response`: the text, or `turn_<t>_output.png` saved beside result.json. A failed call

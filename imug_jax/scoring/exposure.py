@@ -1,8 +1,8 @@
 """Exposure bias on the generation side: image score against turn index.
 
-The official code and the available text define no statistic (protocol §2.6); what the benchmark
-shows is the image column of the by-turn table under the autoregressive rollout. This module
-measures it (our own extension, marked as such in reports):
+The official code and the available text define no statistic (docs/imug_protocol.md §2.6); what
+the benchmark shows is the image column of the by-turn table under the autoregressive rollout.
+This module measures it (our own extension, marked as such in reports):
 
   * per turn index, overall and per class: mean image score (percent) with a percentile
     bootstrap CI over the turn records of that index;

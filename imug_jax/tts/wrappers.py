@@ -1,9 +1,9 @@
 """Test-time scaling wrappers: each is itself a `UnifiedModel` around any `UnifiedModel`.
 
-The paper names the three strategies but not their procedures (protocol §3); these are our
-implementations. Text turns pass straight through; only image turns are changed. The dialogue
-history the rollout keeps is unchanged: the wrapper's internal exchanges (plan, verification
-questions, rejected candidates) are not appended, only the final image.
+The paper names the three strategies but not their procedures (docs/imug_protocol.md §3); these
+are our implementations. Text turns pass straight through; only image turns are changed. The
+dialogue history the rollout keeps is unchanged: the wrapper's internal exchanges (plan,
+verification questions, rejected candidates) are not appended, only the final image.
 
 * `ChainOfThought`: the model first writes a plan in text (understanding mode), then generates
   the image with the plan in context.
