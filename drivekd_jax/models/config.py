@@ -41,6 +41,9 @@ class DecoderConfig:
     qkv_bias: bias on q/k/v projections (Qwen2: True, LLaMA: False).
     tie_word_embeddings: head shares the embedding table.
     max_position_embeddings: informational; RoPE is computed on the fly.
+    mrope_section: multimodal RoPE (Qwen2.5-VL): how many of the head_dim/2 rotary frequencies
+      follow each position axis, in the order temporal, height, width (e.g. (16, 24, 24)); the
+      decoder then also accepts positions `[3, B, T]`. None: plain RoPE.
   """
 
   vocab_size: int
@@ -55,6 +58,7 @@ class DecoderConfig:
   qkv_bias: bool = True
   tie_word_embeddings: bool = False
   max_position_embeddings: int = 32768
+  mrope_section: tuple[int, ...] | None = None
 
   @property
   def resolved_head_dim(self) -> int:

@@ -10,6 +10,9 @@ Supported layouts (picked from `config.json`'s `architectures`, else `model_type
 * `InternVLChatModel` (`OpenGVLab/InternVL3-*`, the original remote code): `vision_model.*`,
   `mlp1.{0,1,3}.*`, `language_model.model.*`, `language_model.lm_head.weight`; config with
   `vision_config` / `llm_config`.
+* `Qwen2_5_VLForConditionalGeneration`: `model.visual.*`, `model.language_model.*` (transformers
+  5) or `visual.*`, `model.*` (the hub files), `lm_head.weight` -> a `Qwen25VL`; the Conv3d patch
+  weight `[D, C, T, p, p]` becomes the linear kernel `[C*T*p*p, D]`.
 * `Qwen2ForCausalLM` / `LlamaForCausalLM`: `model.*`, `lm_head.weight` -> a bare `Decoder`.
 
 Tensors are read lazily from the safetensors files (single file, or sharded with
@@ -41,6 +44,7 @@ from drivekd_jax.models.config import DecoderConfig, InternVLConfig, VisionConfi
 from drivekd_jax.models.intern_vit import torch_bicubic_matrix
 from drivekd_jax.models.internvl import InternVL
 from drivekd_jax.models.qwen2 import Decoder
+from drivekd_jax.models.qwen25_vl import Qwen25VisionConfig, Qwen25VL, Qwen25VLConfig
 
 DEFAULT_IMAGE_TOKEN_ID = 151667
 _IMG_CONTEXT = "<IMG_CONTEXT>"
@@ -739,6 +743,105 @@ def _decoder_from_dir(directory: str, cfg: dict, *, dtype, param_dtype, sharding
   return _load(ckpt, directory, build, specs, param_dtype, sharding)
 
 
+_QWEN25_VL_ARCHS = ("Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl")
+
+
+def qwen25_vl_config_from_hf(cfg: dict, where: str, *, dtype, param_dtype, tied: bool):
+  """A `Qwen25VLConfig` from a Qwen2.5-VL `config.json` dict: the hub's flat layout (text fields
+  at the top, `rope_scaling` of type "mrope") or transformers 5's `text_config` layout."""
+  text_dict = dict(cfg.get("text_config") or cfg)
+  rope = text_dict.pop("rope_parameters", None) or text_dict.pop("rope_scaling", None) or {}
+  text_dict.pop("rope_scaling", None)
+  section = rope.get("mrope_section")
+  if not section:
+    raise CheckpointError(f"{where}: the text rope parameters have no 'mrope_section' ({rope})")
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  if rope_type not in ("default", "mrope"):
+    raise CheckpointError(f"{where}: text rope type {rope_type!r} is not supported")
+  text_dict["rope_theta"] = text_dict.get("rope_theta") or rope.get("rope_theta") or 1e6
+  # The decoder is Qwen2's; its head_dim is always hidden_size / num_attention_heads.
+  text_dict.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2", head_dim=None)
+  text = decoder_config_from_hf(text_dict, f"{where} (text)")
+  text = dataclasses.replace(
+    text, mrope_section=tuple(int(x) for x in section), tie_word_embeddings=tied
+  )
+  vision_where = f"{where} (vision_config)"
+  vision_dict = _field(cfg, "vision_config", where)
+  act = vision_dict.get("hidden_act", "silu")
+  if act != "silu":
+    raise CheckpointError(f"{vision_where}: hidden_act {act!r} is not supported (expected silu)")
+  vision_rope = vision_dict.get("rope_parameters") or {}
+  vision = Qwen25VisionConfig(
+    patch_size=int(_field(vision_dict, "patch_size", vision_where, 14)),
+    temporal_patch_size=int(_field(vision_dict, "temporal_patch_size", vision_where, 2)),
+    in_channels=int(vision_dict.get("in_channels") or vision_dict.get("in_chans") or 3),
+    hidden_size=int(_field(vision_dict, "hidden_size", vision_where)),
+    depth=int(_field(vision_dict, "depth", vision_where)),
+    num_heads=int(_field(vision_dict, "num_heads", vision_where)),
+    intermediate_size=int(_field(vision_dict, "intermediate_size", vision_where)),
+    spatial_merge_size=int(_field(vision_dict, "spatial_merge_size", vision_where, 2)),
+    window_size=int(_field(vision_dict, "window_size", vision_where, 112)),
+    out_hidden_size=int(_field(vision_dict, "out_hidden_size", vision_where)),
+    fullatt_block_indexes=tuple(
+      int(i) for i in _field(vision_dict, "fullatt_block_indexes", vision_where)
+    ),
+    rope_theta=float(vision_rope.get("rope_theta", 10000.0)),
+  )
+  try:
+    return Qwen25VLConfig(
+      vision=vision,
+      text=text,
+      image_token_id=int(_field(cfg, "image_token_id", where, 151655)),
+      dtype=_dtype_name(dtype),
+      param_dtype=_dtype_name(param_dtype),
+    )
+  except ValueError as e:
+    raise CheckpointError(f"{where}: {e}") from e
+
+
+def _qwen25_vision_specs(cfg: Qwen25VisionConfig, prefix: str) -> dict[tuple, _Spec]:
+  d, inner, merged = cfg.hidden_size, cfg.intermediate_size, cfg.hidden_size * cfg.merge_unit
+  conv = (d, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+  specs = {
+    ("patch_embed",): _Spec(
+      (f"{prefix}patch_embed.proj.weight",), (conv,), lambda x: x.reshape(d, -1).T
+    ),
+    ("merger", "ln_q", "scale"): _Spec((f"{prefix}merger.ln_q.weight",), ((d,),), _copy((d,))),
+  }
+  linears = {("merger", "fc1"): ("merger.mlp.0", merged, merged)}
+  linears[("merger", "fc2")] = ("merger.mlp.2", cfg.out_hidden_size, merged)
+  for i in range(cfg.depth):
+    src, dst = f"blocks.{i}.", ("blocks", i)
+    for norm in ("norm1", "norm2"):
+      specs[dst + (norm, "scale")] = _Spec((f"{prefix}{src}{norm}.weight",), ((d,),), _copy((d,)))
+    linears[dst + ("attn", "qkv")] = (src + "attn.qkv", 3 * d, d)
+    linears[dst + ("attn", "proj")] = (src + "attn.proj", d, d)
+    linears[dst + ("mlp", "gate_proj")] = (src + "mlp.gate_proj", inner, d)
+    linears[dst + ("mlp", "up_proj")] = (src + "mlp.up_proj", inner, d)
+    linears[dst + ("mlp", "down_proj")] = (src + "mlp.down_proj", d, inner)
+  for dst, (src, out_f, in_f) in linears.items():
+    specs[dst + ("kernel",)] = _Spec((f"{prefix}{src}.weight",), ((out_f, in_f),), _linear_t)
+    specs[dst + ("bias",)] = _Spec((f"{prefix}{src}.bias",), ((out_f,),), _copy((out_f,)))
+  return specs
+
+
+def _qwen25_vl_from_dir(directory: str, cfg: dict, *, dtype, param_dtype, sharding) -> Qwen25VL:
+  """Qwen2.5-VL: `model.visual.*` / `model.language_model.*` (transformers 5) or `visual.*` /
+  `model.*` (the hub files), and `lm_head.weight` unless the head is tied."""
+  where = os.path.join(directory, "config.json")
+  ckpt = _Checkpoint(directory)
+  head = _first_present(ckpt, ["lm_head.weight"])
+  config = qwen25_vl_config_from_hf(
+    cfg, where, dtype=dtype, param_dtype=param_dtype, tied=head is None
+  )
+  vision_prefix = _prefix_in_use(ckpt, ["model.visual.", "visual."])
+  body = _prefix_in_use(ckpt, ["model.language_model.", "model."])
+  specs = _nest(("visual",), _qwen25_vision_specs(config.vision, vision_prefix))
+  specs.update(_nest(("language_model",), _decoder_specs(config.text, body, head)))
+  build = lambda: Qwen25VL(config, rngs=nnx.Rngs(0))
+  return _load(ckpt, directory, build, specs, param_dtype, sharding)
+
+
 def from_pretrained(
   path: str | os.PathLike,
   dtype: str | jnp.dtype = "float32",
@@ -747,7 +850,7 @@ def from_pretrained(
   param_dtype: str | jnp.dtype | None = None,
   image_token_id: int | None = None,
   image_size: int | None = None,
-) -> InternVL | Decoder:
+) -> InternVL | Qwen25VL | Decoder:
   """Builds a model from a local HuggingFace checkpoint directory.
 
   Args:
@@ -764,7 +867,8 @@ def from_pretrained(
       of another size still work without this: the model resizes them per call.)
 
   Returns:
-    An `InternVL` (InternVL layouts) or a `Decoder` (Qwen2 / LLaMA causal LMs); either is called
+    An `InternVL` (InternVL layouts), a `Qwen25VL` (Qwen2.5-VL) or a `Decoder` (Qwen2 / LLaMA
+    causal LMs); each is called
     as `model(input_ids, ...)` and returns an object with `.logits`.
   """
   directory = os.fspath(path)
@@ -785,9 +889,12 @@ def from_pretrained(
       image_size=image_size,
       **common,
     )
+  if arch in _QWEN25_VL_ARCHS:
+    return _qwen25_vl_from_dir(directory, cfg, **common)
   if arch in _TEXT_ARCHS:
     return _decoder_from_dir(directory, cfg, **common)
   raise CheckpointError(
     f"{os.path.join(directory, 'config.json')}: unknown architecture {arch!r}; expected one of "
-    f"InternVLForConditionalGeneration, InternVLChatModel, Qwen2ForCausalLM, LlamaForCausalLM"
+    f"InternVLForConditionalGeneration, InternVLChatModel, Qwen2_5_VLForConditionalGeneration, "
+    f"Qwen2ForCausalLM, LlamaForCausalLM"
   )

@@ -15,6 +15,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 LogicalAxes = tuple[str | None, ...]
@@ -146,21 +147,39 @@ class RMSNorm(nnx.Module):
     return self.scale[...].astype(self.dtype) * normed.astype(self.dtype)
 
 
-def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+def rope_tables(
+  positions: jax.Array,
+  head_dim: int,
+  theta: float,
+  mrope_section: tuple[int, ...] | None = None,
+) -> tuple[jax.Array, jax.Array]:
   """Rotary tables in fp32.
 
   Args:
-    positions: int `[B, T]` token positions.
+    positions: int `[B, T]` token positions, or `[3, B, T]` multimodal (temporal, height, width)
+      positions when `mrope_section` is given.
     head_dim: per-head width (even).
     theta: RoPE base.
+    mrope_section: M-RoPE (Qwen2.5-VL): consecutive chunks of the head_dim/2 frequencies; chunk i
+      rotates by position axis `i % 3`. Summing to head_dim/2 is required.
 
   Returns:
     `(cos, sin)`, each fp32 `[B, T, head_dim]` (the half-width angles repeated twice, matching the
-    non-interleaved `rotate_half` convention).
+    non-interleaved `rotate_half` convention). A `[3, B, T]` position whose three axes are equal
+    gives the plain `[B, T]` tables.
   """
   exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
   inv_freq = 1.0 / (theta**exponents)
   angles = positions.astype(jnp.float32)[..., None] * inv_freq
+  if positions.ndim == 3:
+    if mrope_section is None or sum(mrope_section) != head_dim // 2:
+      raise ValueError(
+        f"positions of shape {positions.shape} need an mrope_section summing to head_dim/2 = "
+        f"{head_dim // 2}; got {mrope_section}"
+      )
+    bounds = np.cumsum((0,) + tuple(mrope_section))
+    chunks = [angles[i % 3, ..., bounds[i] : bounds[i + 1]] for i in range(len(mrope_section))]
+    angles = jnp.concatenate(chunks, axis=-1)
   angles = jnp.concatenate([angles, angles], axis=-1)
   return jnp.cos(angles), jnp.sin(angles)
 
