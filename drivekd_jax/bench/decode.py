@@ -13,15 +13,15 @@ For each model shape a random Qwen2 is written with `save_pretrained` and read b
 Both sides generate exactly `new_tokens` tokens greedily (no stop token) from the same prompts;
 the time covers prefill plus decode, best of `repeats` runs after a warm-up (for JAX the warm-up
 is the compile). Tokens/s counts generated tokens over the whole batch. torch is timed with each
-of `--torch_threads` and its fastest setting is the one compared (on a shared machine one
-thread is often faster than spinning workers). The generated tokens are compared, so a speed-up
-can not come from doing something else.
+of `--torch_threads` and its fastest setting is the one compared. The generated tokens are
+compared, so a speed-up can not come from doing something else.
 
 It also prints the bandwidth bound of a decode step: each step streams every weight (the
 embedding row aside), so at batch 1 tokens/s can not exceed bandwidth / weight bytes, whatever
 the framework (the bandwidth of the memory level the weights come from, measured here). Small
 models are bound by per-token overhead (where a compiled loop wins most), large ones by that
-bound (where no framework can win much).
+bound (where no framework can win much). The method and the figures: `docs/benchmarks.md` §1.2,
+§2.2.
 """
 
 from __future__ import annotations
@@ -84,8 +84,8 @@ def _random_qwen2(directory: str, shape: dict):
 def _read_bandwidth(num_bytes: int = 64 << 20, repeats: int = 20) -> float:
   """Bytes/s this machine streams a `num_bytes` fp32 tensor: the best of `repeats` torch sums
   with torch's default threads. The buffer is larger than any default shape's weights, so it
-  comes from the same level of the memory hierarchy as they do (on a machine whose last-level
-  cache holds it, as the 480 MB L3 of our 2-core test machine does, that is cache bandwidth)."""
+  comes from the same level of the memory hierarchy as they do (cache bandwidth on a machine
+  whose last-level cache holds it)."""
   import torch
 
   data = torch.ones(num_bytes // 4)

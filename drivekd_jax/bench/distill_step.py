@@ -23,9 +23,8 @@ resident memory while the timed steps run (the kernel's high-water mark VmHWM, r
 /proc/self/clear_refs after the warm-up step and a `malloc_trim`, for both implementations)
 and the whole-process peak
 (`resource.getrusage(RUSAGE_SELF).ru_maxrss`, imports and XLA compilation included).
-Timings exclude the first (warm-up / compile) step. On a shared machine PyTorch's step time
-swings widely with contention (its OpenMP threads suffer most), so both the median and the best
-step are reported.
+Timings exclude the first (warm-up / compile) step; the median and the best step are both
+reported. How to read the figures, and the figures themselves: `docs/benchmarks.md` §1.1, §2.1.
 """
 
 from __future__ import annotations

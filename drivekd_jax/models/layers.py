@@ -39,7 +39,7 @@ def dense(x: jax.Array, kernel: jax.Array, out_dtype: jnp.dtype | None = None) -
   The gradients are the usual ones; only how the kernel gradient is computed differs from
   `jnp.dot`'s: it contracts the token axis, the leading axis of both operands, a form XLA:CPU runs
   on a slower matmul path than a plain product, so on CPU the activations are transposed in
-  memory first (10% of the distillation step on the bench shapes).
+  memory first (the gain is measured in `docs/benchmarks.md` §4).
   """
   return jnp.dot(x, kernel, preferred_element_type=out_dtype)
 

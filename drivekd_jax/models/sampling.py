@@ -65,8 +65,9 @@ def greedy_tokens(logits: jax.Array) -> jax.Array:
   """`argmax` over the last axis, fp32 `[B, V]` -> int32 `[B]`: the first index of the maximum.
 
   Two plain reductions (the maximum, then the first index holding it) instead of XLA's
-  value-and-index reduction, which XLA:CPU runs about 6x slower over a vocabulary-sized row. NaN
-  counts as +inf here (so a row with NaN gives the first NaN or +inf entry).
+  value-and-index reduction, which XLA:CPU runs several times slower over a vocabulary-sized row
+  (`docs/benchmarks.md` §4). NaN counts as +inf here (so a row with NaN gives the first NaN or
+  +inf entry).
   """
   logits = jnp.where(jnp.isnan(logits), jnp.inf, logits)
   top = jnp.max(logits, axis=-1, keepdims=True)
