@@ -9,8 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
+from drivekd_jax.eval.judge_client import OpenAIChatJudge
 from imug_jax.judges.base import ImagePart, JudgeError, JudgeReplyError, outermost_json_object
-from imug_jax.judges.openai_client import OpenAIChatJudge
 from imug_jax.judges.prompts import DYNAMIC_ROLE, PromptSet
 from imug_jax.judges.random_judge import RandomJudge
 
@@ -77,6 +77,7 @@ def serve():
 
 def make_judge(url, **kwargs):
   sleeps = []
+  kwargs.setdefault("api_key_env", "IMUG_JUDGE_API_KEY")
   judge = OpenAIChatJudge(url, "judge-model", sleep=sleeps.append, **kwargs)
   return judge, sleeps
 

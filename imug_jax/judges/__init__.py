@@ -2,8 +2,10 @@
 
 `make_judge(kind, ...)`:
   * "random": the seeded smoke-test judge (`seed`, default 2026).
-  * "openai": an OpenAI-compatible endpoint (`base_url`, `model`, `api_key_env`, `timeout_s`,
-    `max_retries`); the key is read from the environment at call time.
+  * "openai": an OpenAI-compatible endpoint, the project's one client
+    (`drivekd_jax.eval.judge_client.OpenAIChatJudge`: `base_url`, `model`, `api_key_env`,
+    `timeout_s`, `max_retries`, `concurrency`, `cache_dir`, `replay_only`); the key is read from
+    the environment at call time.
   * "local": an in-process `UnifiedModel` (`model`, `structured`, `seed`).
 """
 
@@ -20,7 +22,7 @@ def make_judge(kind: str, **kwargs: Any) -> Judge:
 
     return RandomJudge(**kwargs)
   if kind == "openai":
-    from imug_jax.judges.openai_client import OpenAIChatJudge
+    from drivekd_jax.eval.judge_client import OpenAIChatJudge
 
     return OpenAIChatJudge(**kwargs)
   if kind == "local":

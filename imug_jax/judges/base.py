@@ -2,60 +2,29 @@
 
 from __future__ import annotations
 
-import base64
-import dataclasses
-import io
 import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-import numpy as np
-from PIL import Image
+# The message parts, the transport error and the default temperature are the project-wide judge
+# client's (drivekd_jax.eval.judge_client), so that every judge speaks the same types.
+from drivekd_jax.eval.judge_client import DEFAULT_TEMPERATURE, ImagePart, JudgeError, Part
 
-DEFAULT_TEMPERATURE = 0.1
-
-
-class JudgeError(RuntimeError):
-  """A judge call failed (transport, HTTP status, or a reply that is not a chat completion)."""
+__all__ = [
+  "DEFAULT_TEMPERATURE",
+  "ImagePart",
+  "Judge",
+  "JudgeError",
+  "JudgeReplyError",
+  "Part",
+  "images_of",
+  "outermost_json_object",
+  "text_of",
+]
 
 
 class JudgeReplyError(ValueError):
   """A judge replied, but the reply does not hold the JSON object that was asked for."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ImagePart:
-  """One encoded image in a judge message (bytes of a PNG or JPEG file)."""
-
-  data: bytes
-  media_type: str = "image/png"
-
-  @classmethod
-  def from_path(cls, path: str | Path) -> ImagePart:
-    """Reads a file; the media type follows the official rule (.png -> png, else jpeg)."""
-    path = Path(path)
-    media_type = "image/png" if path.suffix.lower() == ".png" else "image/jpeg"
-    return cls(path.read_bytes(), media_type)
-
-  @classmethod
-  def from_array(cls, pixels: np.ndarray) -> ImagePart:
-    """Encodes an RGB uint8 array [H, W, 3] as PNG."""
-    buffer = io.BytesIO()
-    Image.fromarray(np.asarray(pixels, np.uint8)).save(buffer, format="PNG")
-    return cls(buffer.getvalue(), "image/png")
-
-  def data_url(self) -> str:
-    return f"data:{self.media_type};base64,{base64.b64encode(self.data).decode('ascii')}"
-
-  def to_pil(self) -> Image.Image:
-    return Image.open(io.BytesIO(self.data)).convert("RGB")
-
-  def __repr__(self) -> str:  # Never dump image bytes into logs.
-    return f"ImagePart({self.media_type}, {len(self.data)} bytes)"
-
-
-Part = str | ImagePart
 
 
 @runtime_checkable

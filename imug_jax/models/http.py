@@ -5,7 +5,9 @@ POST `<url>/infer` with `{"history", "output_mode", "temperature"}`; the reply i
 Several server URLs are used round-robin (each attempt moves on to the next URL, so a dead
 server costs one attempt, not the request). Transport errors, timeouts, 5xx/429 replies, server
 error objects, garbage replies and replies in the wrong modality (text for an image turn or the
-reverse) are retried; other 4xx replies (our request is wrong) are not.
+reverse) are retried; other 4xx replies (our request is wrong) and redirects are not. Transport
+is the project's one safe POST (`drivekd_jax.eval.safe_http.post_json`): redirects are never
+followed, replies are bounded in size and time, and quoted replies are short.
 """
 
 from __future__ import annotations
@@ -14,11 +16,10 @@ import itertools
 import json
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
+from drivekd_jax.eval import safe_http
 from imug_jax.models.protocol import OUTPUT_MODES, Message, ModelError, ProtocolError, Response
 
 
@@ -50,7 +51,10 @@ class HttpModel:
       raise ValueError(f"retries must be >= 1, got {retries}")
     self.name = name
     self.urls = [
-      u.rstrip("/") if u.rstrip("/").endswith("/infer") else u.rstrip("/") + "/infer" for u in urls
+      safe_http.check_url(
+        u.rstrip("/") if u.rstrip("/").endswith("/infer") else u.rstrip("/") + "/infer"
+      )
+      for u in urls
     ]
     self.timeout = timeout
     self.retries = retries
@@ -64,18 +68,14 @@ class HttpModel:
       return self.urls[next(self._next_url)]
 
   def _post(self, url: str, body: bytes) -> Any:
-    request = urllib.request.Request(
-      url, data=body, method="POST", headers={"Content-Type": "application/json"}
-    )
     limit = 2 * self.max_image_bytes  # A base64 image plus the JSON around it.
-    with urllib.request.urlopen(request, timeout=self.timeout) as reply:
-      raw = reply.read(limit + 1)
-    if len(raw) > limit:
-      raise ProtocolError(f"reply larger than {limit} bytes")
+    raw = safe_http.post_json(url, body, timeout_s=self.timeout, max_reply_bytes=limit)
     try:
       return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise ProtocolError(f"reply is not JSON ({e}): {raw[:80]!r}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+      raise ProtocolError(
+        f"reply is not JSON ({type(e).__name__}): {safe_http.preview(raw[:80])}"
+      ) from None
 
   def respond(
     self, history: Sequence[Message], output_mode: str, temperature: float = 0.7, rng: Any = None
@@ -94,13 +94,12 @@ class HttpModel:
       url = self._pick_url()
       try:
         response = Response.from_json(self._post(url, body), max_image_bytes=self.max_image_bytes)
-      except urllib.error.HTTPError as e:
-        detail = e.read()[:200].decode("utf-8", "replace")
-        failures.append(f"{url}: HTTP {e.code} {detail}")
-        if 400 <= e.code < 500 and e.code != 429:
+      except safe_http.HttpError as e:
+        failures.append(f"{url}: {e}")
+        if not e.retryable:
           break
         continue
-      except (OSError, ProtocolError, ModelError) as e:  # URLError and timeouts are OSErrors.
+      except (ProtocolError, ModelError) as e:
         failures.append(f"{url}: {type(e).__name__}: {e}")
         continue
       if (output_mode == "image_only") != (response.image is not None):
