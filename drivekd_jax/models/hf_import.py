@@ -45,6 +45,7 @@ from drivekd_jax.models.intern_vit import torch_bicubic_matrix
 from drivekd_jax.models.internvl import InternVL
 from drivekd_jax.models.qwen2 import Decoder
 from drivekd_jax.models.qwen25_vl import Qwen25VisionConfig, Qwen25VL, Qwen25VLConfig
+from drivekd_jax.paths import path_component_problem
 
 DEFAULT_IMAGE_TOKEN_ID = 151667
 _IMG_CONTEXT = "<IMG_CONTEXT>"
@@ -64,6 +65,8 @@ _SAFETENSORS_DTYPES = {
   "BOOL": np.bool_,
 }
 
+_FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+
 # Buffers some exporters write that carry no parameters.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
@@ -74,6 +77,30 @@ class CheckpointError(ValueError):
 
 # ---------------------------------------------------------------------------------------------
 # Reading safetensors
+
+
+def _is_count(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _header_entry_problem(info: Any) -> str | None:
+  """Why a safetensors header entry is malformed, or None."""
+  if not isinstance(info, dict):
+    return f"is {type(info).__name__}, expected {{'dtype', 'shape', 'data_offsets'}}"
+  if not isinstance(info.get("dtype"), str):
+    return f"has dtype {info.get('dtype')!r}, expected a string such as 'BF16'"
+  shape = info.get("shape")
+  if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+    return f"has shape {shape!r}, expected a list of non-negative integers"
+  offsets = info.get("data_offsets")
+  if (
+    not isinstance(offsets, list)
+    or len(offsets) != 2
+    or not all(_is_count(o) for o in offsets)
+    or offsets[0] > offsets[1]
+  ):
+    return f"has data_offsets {offsets!r}, expected [start, end] with 0 <= start <= end"
+  return None
 
 
 class _SafetensorsFile:
@@ -91,9 +118,15 @@ class _SafetensorsFile:
         raise CheckpointError(f"{path}: header length {header_len} exceeds the file size {size}")
       try:
         header = json.loads(f.read(header_len))
-      except ValueError as e:
+      except (ValueError, RecursionError) as e:
         raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({e})") from e
+    if not isinstance(header, dict):
+      raise CheckpointError(f"{path}: the safetensors header is {type(header).__name__}, not {{}}")
     header.pop("__metadata__", None)
+    for name, info in header.items():
+      problem = _header_entry_problem(info)
+      if problem:
+        raise CheckpointError(f"{path}: header entry of tensor {name!r} {problem}")
     self.header: dict[str, dict[str, Any]] = header
     self.data_start = 8 + header_len
     self.size = size
@@ -104,6 +137,9 @@ class _SafetensorsFile:
 
   def shape(self, name: str) -> tuple[int, ...]:
     return tuple(self.header[name]["shape"])
+
+  def dtype_name(self, name: str) -> str:
+    return self.header[name]["dtype"]
 
   def get(self, name: str) -> np.ndarray:
     info = self.header[name]
@@ -135,9 +171,16 @@ class _Checkpoint:
       try:
         with open(index_path) as f:
           weight_map = json.load(f)["weight_map"]
-      except (ValueError, KeyError) as e:
+      except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise CheckpointError(f"{index_path}: expected JSON with a 'weight_map' ({e})") from e
+      if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index_path}: 'weight_map' must map tensor names to file names")
       for name, filename in weight_map.items():
+        problem = path_component_problem(filename)
+        if problem is not None:  # The index must not send us outside the checkpoint folder.
+          raise CheckpointError(
+            f"{index_path}: weight_map entry of tensor {name!r}: the file name {problem}"
+          )
         path = os.path.join(directory, filename)
         if path not in self.files:
           if not os.path.exists(path):
@@ -173,6 +216,9 @@ class _Checkpoint:
   def shape(self, name: str) -> tuple[int, ...]:
     return self.files[self.location[name]].shape(name)
 
+  def dtype_name(self, name: str) -> str:
+    return self.files[self.location[name]].dtype_name(name)
+
   def get(self, name: str) -> np.ndarray:
     return self.files[self.location[name]].get(name)
 
@@ -189,14 +235,53 @@ def _read_json(path: str) -> dict[str, Any]:
     raise CheckpointError(f"{path} does not exist")
   try:
     with open(path) as f:
-      return json.load(f)
-  except ValueError as e:
+      value = json.load(f)
+  except (ValueError, RecursionError) as e:
     raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+  if not isinstance(value, dict):
+    raise CheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}")
+  return value
+
+
+# The type every numeric or nested config field must have (checked where it is read).
+_INT_FIELDS = frozenset(
+  {
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "num_channels",
+    "depth",
+    "num_heads",
+    "temporal_patch_size",
+    "spatial_merge_size",
+    "window_size",
+    "out_hidden_size",
+    "image_token_id",
+  }
+)
+_FLOAT_FIELDS = frozenset({"rms_norm_eps", "layer_norm_eps"})
+_DICT_FIELDS = frozenset({"llm_config", "vision_config", "text_config"})
 
 
 def _field(cfg: dict, key: str, where: str, default: Any = dataclasses.MISSING) -> Any:
+  """`cfg[key]` (or `default` when absent or null), type-checked for the known numeric fields.
+
+  Raises:
+    CheckpointError: naming `where` and the field, when it is missing or has the wrong type.
+  """
   if key in cfg and cfg[key] is not None:
-    return cfg[key]
+    value = cfg[key]
+    if key in _INT_FIELDS and not _is_count(value):
+      raise CheckpointError(f"{where}: field {key!r} must be a non-negative integer, got {value!r}")
+    if key in _FLOAT_FIELDS and (isinstance(value, bool) or not isinstance(value, int | float)):
+      raise CheckpointError(f"{where}: field {key!r} must be a number, got {value!r}")
+    if key in _DICT_FIELDS and not isinstance(value, dict):
+      raise CheckpointError(f"{where}: field {key!r} must be an object, got {value!r}")
+    return value
   if default is dataclasses.MISSING:
     raise CheckpointError(f"{where}: required field {key!r} is missing")
   return default
@@ -258,10 +343,12 @@ def decoder_config_from_hf(cfg: dict, where: str) -> DecoderConfig:
 
 def _square(value, key: str, where: str) -> int:
   if isinstance(value, (list, tuple)):
-    if len(set(value)) != 1:
-      raise CheckpointError(f"{where}: non-square {key} {value} is not supported")
+    if not value or not all(_is_count(v) for v in value) or len(set(value)) != 1:
+      raise CheckpointError(f"{where}: {key} {value!r} is not a square size (equal integers)")
     value = value[0]
-  return int(value)
+  if not _is_count(value):
+    raise CheckpointError(f"{where}: field {key!r} must be a non-negative integer, got {value!r}")
+  return value
 
 
 def vision_config_from_hf(cfg: dict, where: str, *, original: bool) -> VisionConfig:
@@ -564,6 +651,12 @@ def _load(
       if found != tuple(shape):
         raise CheckpointError(
           f"{ckpt.file_of(name)}: tensor {name!r} has shape {list(found)}, expected {list(shape)}"
+        )
+      stored = ckpt.dtype_name(name)
+      if stored not in _FLOAT_DTYPES and jnp.issubdtype(jnp.dtype(param_dtype), jnp.floating):
+        raise CheckpointError(
+          f"{ckpt.file_of(name)}: tensor {name!r} is stored as {stored}; parameter "
+          f"{'/'.join(map(str, path))} needs floating-point values (no silent cast)"
         )
       consumed.add(name)
   unexpected = sorted(
