@@ -1,0 +1,342 @@
+"""DriveBench scoring: answers files, parsers, rubric routing, judging, language, scores.json.
+
+The answers are the fixture's 15 release items (tests/data/drivebench) with hand-made
+predictions; a fake in-process judge replies with a fixed score per prediction, so every
+capability score, accuracy and failure count below is computed by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from drivekd_jax.data import records as rec
+from drivekd_jax.eval import answers as answers_lib
+from drivekd_jax.eval import drivebench, language, rubrics
+from drivekd_jax.eval.judge_client import JudgeError
+
+DATA = Path(__file__).parent / "data" / "drivebench"
+
+# Per item of drivebench-test.json, in file order: (prediction, judge behaviour).
+# A behaviour is a score, "never" (no Total Score in any reply) or ("flaky", score): the first
+# call raises JudgeError, the second returns the score.
+PLAN = [
+  ("There is a yellow light ahead.", 40),  # perception/2
+  ("Firstly notice the yellow light.", "never"),  # prediction/3
+  ("Slow down because of the light.", 10),  # planning/1
+  ("No collision is possible.", 20),  # planning/1
+  ("Keep going at the same speed.", 30),  # planning/1
+  ("Final: D. The ego vehicle goes straight.", 70),  # behavior/0, GT D
+  ("The car turns left, option B.", 80),  # perception/0, GT B: official B, strict none
+  ("No.", 0),  # prediction/0: skipped by the toolkit, never judged
+  ("B. It is a moving car.", 60),  # perception/0, GT A: official reads "a" as A
+  ("There is a blue bus ahead.", 20),  # perception/2
+  ("Firstly notice the blue bus.", 30),  # prediction/3
+  ("Keep going ahead.", ("flaky", 40)),  # planning/1
+  ("Accelerating leads to a collision.", 50),  # planning/1
+  ("Keep going at the same speed, decelerate gradually.", 60),  # planning/1
+  ("C", 90),  # behavior/0, GT A
+]
+# Hand-computed: perception (40 + 80 + 60 + 20) / 4; reasoning (70 + 30 + 90) / 3 (one never
+# scores); planning (10 + 20 + 30 + 40 + 50 + 60) / 6.
+PERCEPTION, REASONING, PLANNING = 50.0, 190 / 3, 35.0
+
+
+class FakeJudge:
+  """Replies by the prediction found in the message ("[#k]" marks item k)."""
+
+  name = "fake:fixed"
+  concurrency = 3
+
+  def __init__(self, plan=PLAN):
+    self.plan = plan
+    self.calls = 0
+    self.messages: list[tuple[str, str]] = []
+    self.asked: dict[int, int] = {}
+
+  def chat(self, system, parts, *, temperature):
+    assert temperature == 0.0 and len(parts) == 1
+    self.calls += 1
+    self.messages.append((system, parts[0]))
+    index = int(re.search(r"\[#(\d+)\]", parts[0]).group(1))
+    self.asked[index] = self.asked.get(index, 0) + 1
+    behaviour = self.plan[index][1]
+    if behaviour == "never":
+      return "Answer Correctness: 20\nI cannot decide on a total."
+    if isinstance(behaviour, tuple):
+      if self.asked[index] == 1:
+        raise JudgeError("HTTP 503 from the judge")
+      behaviour = behaviour[1]
+    return f"Answer Correctness: 10\nTotal Score: {behaviour}\nBrief Summary: fine."
+
+
+def fixture_answers() -> list[dict]:
+  items = answers_lib.release_items(DATA / "drivebench-test.json")
+  assert len(items) == len(PLAN)
+  return [
+    answers_lib.answer_record(rid, item, f"{pred} [#{i}]")
+    for i, ((rid, item), (pred, _)) in enumerate(zip(items, PLAN))
+  ]
+
+
+def descriptions():
+  return drivebench.load_descriptions(DATA / "visual_description.json")
+
+
+def test_fixture_covers_every_question_type():
+  keys = {rubrics.route_key(i["question_type"], i["tag"]) for _, i in fixture_answers_items()}
+  assert keys == {
+    "perception/0",
+    "perception/2",
+    "prediction/3",
+    "prediction/0",
+    "planning/1",
+    "behavior/0",
+  }
+  fog = json.loads((DATA / "fog.json").read_text())
+  assert fog[-1]["question_type"] == "robustness"
+  for folder in ("Fog", "Brightness"):
+    for camera in rec.CAMERAS:
+      assert len(list((DATA / "corruption" / folder / camera).glob("*.png"))) == 2
+
+
+def fixture_answers_items():
+  return answers_lib.release_items(DATA / "drivebench-test.json")
+
+
+def test_parsers_official_quirk_and_strict():
+  official, strict = drivebench.parse_choice_official, drivebench.parse_choice_strict
+  assert official("B. It is a moving car.") == "A"  # the article reads as A
+  assert strict("B. It is a moving car.") == "B"
+  assert official("The car turns left, option B.") == "B"
+  assert strict("The car turns left, option B.") == ""
+  assert official("") == official("No letter here.") == ""
+  assert strict("Final: {C. The ego vehicle ...}") == "C"
+  assert strict("  (D) because") == "D" and strict("Option c.") == "C"
+  assert strict("a car is ahead") == "" and strict("A") == "A"
+
+
+def test_scores_with_a_fake_judge(tmp_path):
+  judge = FakeJudge()
+  answers = drivebench.validate_answers(fixture_answers(), "fixture")
+  scores = drivebench.score_answers(
+    answers, judge=judge, descriptions=descriptions(), judged_path=tmp_path / "judged.jsonl"
+  )
+  assert scores["perception"] == pytest.approx(PERCEPTION)
+  assert scores["reasoning"] == pytest.approx(REASONING)
+  assert scores["planning"] == pytest.approx(PLANNING)
+  assert scores["average"] == pytest.approx((PERCEPTION + REASONING + PLANNING) / 3)
+  # MCQs: 2 perception + 2 behavior. Official: B ok, quirk A ok, D ok, C wrong. Strict: only D.
+  assert scores["accuracy"] == {"official": 75.0, "strict": 25.0, "items": 4}
+  judged = scores["judge"]
+  assert (judged["scored"], judged["failed"]) == (13, 1)
+  assert judged["failures"][0]["record_id"] == fixture_answers()[1]["record_id"]
+  assert "Total Score" in judged["failures"][0]["error"]
+  assert judged["without_description"] == 0 and judged["rubric"] == "ours"
+  assert scores["skipped"] == {"prediction/0": 1} and sum(scores["routed"].values()) == 14
+  # Three attempts on the never-parseable item, two on the flaky one, one on the others.
+  assert judge.asked[1] == 3 and judge.asked[11] == 2 and 7 not in judge.asked
+  assert judge.calls == 12 + 3 + 2
+  # Toolkit breakdown.
+  toolkit = scores["toolkit"]
+  assert toolkit["perception"]["MCQ"]["gpt_score"] == 70.0
+  assert toolkit["perception"]["MCQ"]["accuracy"] == 100.0
+  assert toolkit["behavior"]["MCQ"]["accuracy"] == 50.0
+  assert toolkit["prediction"]["VQA"]["gpt_score"] == 30.0
+  assert toolkit["planning"]["VQA"]["language_metrics"]["items"] == 6
+  assert scores["language"]["items"] == 10
+  assert 0 < scores["language"]["Bleu_1"] < 100
+
+
+def test_judge_messages_follow_the_toolkit(tmp_path):
+  judge = FakeJudge()
+  answers = drivebench.validate_answers(fixture_answers(), "fixture")
+  drivebench.score_answers(answers, judge=judge, descriptions=descriptions(), workers=1)
+  systems = {system for system, _ in judge.messages}
+  assert systems == {""}
+  by_item = {int(re.search(r"\[#(\d+)\]", m).group(1)): m for _, m in judge.messages}
+  assert all(m.startswith(rubrics.PREAMBLE) for m in by_item.values())
+  # Planning on an object: its visual description, lower-cased; safe actions: the fixed text.
+  planning_object = by_item[2]
+  items = fixture_answers()
+  infos = descriptions()[items[2]["scene_token"]]["key_frames"][items[2]["frame_token"]]
+  first = next(v for k, v in infos["key_object_infos"].items() if k.startswith("<c1,CAM_FRONT,"))
+  assert first["Visual_description"].lower() in planning_object
+  assert rubrics.NO_DESCRIPTION_NEEDED in by_item[4]
+  assert "Answer Correctness (50 points)" in by_item[6]  # PERCEPTION_MCQ
+  assert "Action Prediction Accuracy (40 points)" in by_item[2]  # PLANNING_VQA
+  assert "Behavioral Understanding and Detail (15 points)" in by_item[5]  # BEHAVIOR_MCQ
+  assert items[6]["answer"] in by_item[6]
+
+
+def test_judged_file_resumes_without_asking_again(tmp_path):
+  answers = drivebench.validate_answers(fixture_answers(), "fixture")
+  path = tmp_path / "judged.jsonl"
+  first = drivebench.score_answers(answers, judge=FakeJudge(), judged_path=path)
+  judge = FakeJudge()
+  second = drivebench.score_answers(answers, judge=judge, judged_path=path)
+  assert judge.calls == 3  # only the failed item is asked again
+  assert second == first
+  assert len(answers_lib.read_jsonl(path)) == 13
+  assert first["judge"]["without_description"] == 6  # no descriptions were given
+  with pytest.raises(rec.RecordError, match="rubric 'ours'.*use another workdir"):
+    drivebench.score_answers(answers, judge=FakeJudge(), judged_path=path, rubric_name="official")
+
+
+def test_official_templates_from_a_toolkit_checkout(tmp_path):
+  body = {
+    name: f"OFFICIAL {name}: Q={{QUESTION}} GT={{GT}} P={{PRED}} D={{DESC}}"
+    for name in rubrics.TEMPLATE_NAMES
+  }
+  source = "\n".join(f"{name}_PROMPT = {text!r}" for name, text in body.items())
+  (tmp_path / "evaluate").mkdir()
+  (tmp_path / "evaluate" / "prompts.py").write_text(source + "\nOTHER = 3\n")
+  templates = rubrics.official_templates(tmp_path)
+  assert templates == body
+  judge = FakeJudge()
+  answers = drivebench.validate_answers(fixture_answers(), "fixture")
+  drivebench.score_answers(answers, judge=judge, templates=templates, descriptions=descriptions())
+  assert all("OFFICIAL" in m for _, m in judge.messages)
+  assert any(m.startswith(rubrics.PREAMBLE + "OFFICIAL BEHAVIOR_MCQ") for _, m in judge.messages)
+  (tmp_path / "evaluate" / "prompts.py").write_text(source.replace("PLANNING_VQA_PROMPT", "X"))
+  with pytest.raises(ValueError, match="PLANNING_VQA, found none"):
+    rubrics.official_templates(tmp_path)
+  (tmp_path / "evaluate" / "prompts.py").write_text(source.replace("{GT}", "gt"))
+  with pytest.raises(ValueError, match="lacks the placeholder"):
+    rubrics.official_templates(tmp_path)
+
+
+def test_our_templates_state_the_official_points():
+  for name, template in rubrics.OUR_TEMPLATES.items():
+    points = [int(p) for p in re.findall(r"\((\d+) points\)", template)]
+    assert sum(points) == 100, name
+    assert template.rstrip().splitlines()[-2].startswith("Total Score:")
+  assert rubrics.parse_total_score("x\nTotal Score: 87\nBrief") == 87
+  assert rubrics.parse_total_score("Total Score: 187") is None
+  assert rubrics.parse_total_score("Total: 80") is None
+
+
+def test_bad_answer_record_names_file_record_and_field():
+  records = fixture_answers()
+  del records[3]["pred"]
+  with pytest.raises(rec.RecordError, match=r"file answers.jsonl, record 3.*field 'pred'"):
+    drivebench.validate_answers(records, "answers.jsonl")
+
+
+def test_scores_json_and_summary(tmp_path):
+  answers = drivebench.validate_answers(fixture_answers(), "fixture")
+  scores = drivebench.score_answers(answers, judge=FakeJudge(), descriptions=descriptions())
+  for setting in ("clean", "fog", "bright"):
+    drivebench.write_scores(tmp_path, setting, scores)
+  written = json.loads((tmp_path / "drivebench" / "fog" / "scores.json").read_text())
+  for key in ("perception", "reasoning", "planning", "average", "accuracy", "language", "judge"):
+    assert key in written
+  assert written["setting"] == "fog" and written["judge"]["failed"] == 1
+  assert set(written["accuracy"]) >= {"official", "strict"}
+  path = drivebench.write_summary(tmp_path, ["clean", "fog", "bright"])
+  summary = json.loads(path.read_text())
+  assert summary["settings"]["clean"]["planning"] == 35.0
+  assert summary["corruption_mean"]["settings"] == 2
+  assert summary["corruption_mean"]["accuracy_strict"] == 25.0
+
+
+def test_no_judge_leaves_judged_scores_null():
+  answers = drivebench.validate_answers(fixture_answers(), "fixture")
+  scores = drivebench.score_answers(answers)
+  assert scores["perception"] is None and scores["average"] is None
+  assert scores["judge"]["scored"] == 0 and scores["accuracy"]["official"] == 75.0
+
+
+def test_language_metrics_through_pycocoevalcap():
+  perfect = language.caption_metrics(
+    ["The car stops.", "Turn left now."], ["the car stops", "turn left now"]
+  )
+  assert perfect["Bleu_1"] == pytest.approx(1.0) and perfect["ROUGE_L"] == pytest.approx(1.0)
+  partial = language.caption_metrics(["the car", ""], ["the car stops", "go"])
+  assert 0 < partial["Bleu_1"] < 1 and partial["ROUGE_L"] < 1
+  assert (
+    language.simple_tokenize("The ego vehicle isn't moving.") == "the ego vehicle is n't moving"
+  )
+  with pytest.raises(ValueError, match="2 predictions but 1 references"):
+    language.caption_metrics(["a", "b"], ["a"])
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="PTBTokenizer needs java")
+def test_simple_tokenizer_matches_ptb_on_the_fixture():
+  texts = [i["answer"] for _, i in fixture_answers_items()] + [p for p, _ in PLAN]
+  simple = language.caption_metrics(texts[::-1], texts)
+  ptb = language.caption_metrics(texts[::-1], texts, tokenizer="ptb")
+  for key, value in ptb.items():
+    assert simple[key] == pytest.approx(value, rel=1e-6), key
+
+
+# ---------------------------------------------------------------------------------------------
+# Answers files
+
+
+def test_answers_are_flushed_as_they_come(tmp_path):
+  records = fixture_answers()
+  path = answers_lib.answers_path(tmp_path, "clean")
+  with answers_lib.JsonlRecords(path) as out:
+    for i, record in enumerate(records[:3]):
+      out.append(record)
+      assert len(path.read_text().splitlines()) == i + 1  # readable before close
+    with pytest.raises(ValueError, match="already written"):
+      out.append(records[0])
+  assert [r["record_id"] for r in answers_lib.read_jsonl(path)] == [
+    r["record_id"] for r in records[:3]
+  ]
+
+
+_WRITER = textwrap.dedent(
+  """
+  import json, os, signal, sys
+  from drivekd_jax.eval import answers
+  records = json.loads(open(sys.argv[2]).read())
+  out = answers.JsonlRecords(sys.argv[1])
+  for record in records[:5]:
+    if record["record_id"] not in out:
+      out.append(record)
+  out._file.write(json.dumps(records[5])[:40])  # killed in the middle of the sixth line
+  out._file.flush()
+  os.kill(os.getpid(), signal.SIGKILL)
+  """
+)
+
+
+def test_killed_write_resumes_without_loss_or_duplicates(tmp_path):
+  records = fixture_answers()
+  source = tmp_path / "records.json"
+  source.write_text(json.dumps(records))
+  path = answers_lib.answers_path(tmp_path, "fog")
+  result = subprocess.run([sys.executable, "-c", _WRITER, str(path), str(source)], check=False)
+  assert result.returncode == -signal.SIGKILL
+  assert not path.read_text().endswith("\n")  # the torn line is there
+  items = [(r["record_id"], r) for r in records]
+  with answers_lib.JsonlRecords(path) as out:
+    assert out.dropped_bytes == 40 and len(out) == 5
+    todo = answers_lib.pending(items, out)
+    assert [rid for rid, _ in todo] == [r["record_id"] for r in records[5:]]
+    for _, record in todo:
+      out.append(record)
+  written = answers_lib.read_jsonl(path)
+  assert [r["record_id"] for r in written] == [r["record_id"] for r in records]
+  assert written == records
+
+
+def test_corrupt_complete_line_is_an_error(tmp_path):
+  path = tmp_path / "answers.jsonl"
+  path.write_text('{"record_id": "a"}\nnot json\n')
+  with pytest.raises(rec.RecordError, match="answers.jsonl, record 2: malformed JSON"):
+    answers_lib.JsonlRecords(path)
+  path.write_text('{"record_id": "a"}\n{"record_id": "a"}\n')
+  with pytest.raises(rec.RecordError, match="duplicate record_id"):
+    answers_lib.JsonlRecords(path)
