@@ -21,6 +21,7 @@ CORE = [
   "tqdm",
   "tensorboardX",
   "opencv-python-headless",
+  "pycocoevalcap",
 ]
 
 TEST = [
