@@ -20,7 +20,7 @@ import pytest
 
 from drivekd_jax.data import records as rec
 from drivekd_jax.eval import answers as answers_lib
-from drivekd_jax.eval import drivebench, language, rubrics
+from drivekd_jax.eval import drivebench, drivelm, language, rubrics
 from drivekd_jax.eval.judge_client import JudgeError
 
 DATA = Path(__file__).parent / "data" / "drivebench"
@@ -139,7 +139,7 @@ def test_scores_with_a_fake_judge(tmp_path):
   judged = scores["judge"]
   assert (judged["scored"], judged["failed"]) == (13, 1)
   assert judged["failures"][0]["record_id"] == fixture_answers()[1]["record_id"]
-  assert "Total Score" in judged["failures"][0]["error"]
+  assert "parse_total_score" in judged["failures"][0]["error"]
   assert judged["without_description"] == 0 and judged["rubric"] == "ours"
   assert scores["skipped"] == {"prediction/0": 1} and sum(scores["routed"].values()) == 14
   # Three attempts on the never-parseable item, two on the flaky one, one on the others.
@@ -340,3 +340,142 @@ def test_corrupt_complete_line_is_an_error(tmp_path):
   path.write_text('{"record_id": "a"}\n{"record_id": "a"}\n')
   with pytest.raises(rec.RecordError, match="duplicate record_id"):
     answers_lib.JsonlRecords(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# DriveLM-nuScenes
+
+
+def _qa(question, answer, tag):
+  return {"Q": question, "A": answer, "tag": [tag]}
+
+
+DRIVELM_TEST = {
+  "s1": {
+    "key_frames": {
+      "f1": {
+        "QA": {
+          "perception": [
+            _qa(
+              "What are the important objects in the current scene?",
+              "A car <c1,CAM_FRONT,100.0,200.0> and a truck <c2,CAM_BACK,500.0,300.0>.",
+              2,
+            ),
+            _qa("What is the moving status of object <c1,CAM_FRONT,100.0,200.0>? A. B.", "A", 0),
+          ],
+          "prediction": [
+            _qa("Is <c2,CAM_BACK,500.0,300.0> a traffic sign?", "No.", 0),
+            _qa(
+              "What object should the ego vehicle notice first?",
+              "Firstly <c1,CAM_FRONT,100.0,200.0>. Secondly <c2,CAM_BACK,500.0,300.0>.",
+              3,
+            ),
+          ],
+          "planning": [
+            _qa("What actions could the ego take based on <c1,CAM_FRONT,100.0,200.0>?", "Stop.", 1),
+            _qa("What actions lead to a collision with <c2,CAM_BACK,500.0,300.0>?", "Go.", 1),
+          ],
+          "behavior": [_qa("Predict the behavior of the ego vehicle. A. B.", "B", 0)],
+        }
+      },
+      "f2": {
+        "QA": {
+          "perception": [
+            _qa(
+              "What are the important objects in the current scene?",
+              "A pedestrian <c1,CAM_FRONT_LEFT,300.0,400.0>.",
+              2,
+            ),
+            _qa("What is the moving status of object <c1,CAM_FRONT_LEFT,300.0,400.0>?", "A", 0),
+          ],
+          "planning": [_qa("In this scenario, what are safe actions to take?", "Brake.", 1)],
+          "behavior": [_qa("Predict the behavior of the ego vehicle.", "C", 0)],
+        }
+      },
+    }
+  }
+}
+DRIVELM_PREDICTIONS = {
+  "s1_f1_0": "A car <c1,CAM_FRONT,105.0,203.0> and a bus <c3,CAM_FRONT,900.0,100.0>.",  # F1 0.5
+  "s1_f1_1": "A",  # in the graph, correct
+  "s1_f1_2": "No.",  # (500, 300) is not in the graph: skipped
+  "s1_f1_3": "Firstly <c1,CAM_FRONT,110.0,204.0>. Secondly <c2,CAM_BACK,510.0,301.0>. 3.0",
+  "s1_f1_4": "Stop now.",  # judged 60
+  "s1_f1_5": "Go fast.",  # skipped
+  "s1_f1_6": "B. The ego vehicle goes straight.",  # not exactly "B": wrong
+  "s1_f2_0": "I see nothing.",  # no points: the graph is empty
+  "s1_f2_1": "A",  # skipped
+  "s1_f2_2": "Brake hard.",  # judged: "about forty" once, then 40
+  "s1_f2_3": "C",  # correct
+}
+DRIVELM_JUDGE = {"Stop now.": 60, "Brake hard.": 40, DRIVELM_PREDICTIONS["s1_f1_3"]: 80}
+
+
+class FakeDriveLMJudge:
+  name = "fake:drivelm"
+
+  def __init__(self):
+    self.asked: dict[str, int] = {}
+
+  def chat(self, system, parts, *, temperature):
+    assert system == drivelm.JUDGE_SYSTEM and temperature == 0.6
+    pred = parts[0].split("This is my answer: ")[1]
+    self.asked[pred] = self.asked.get(pred, 0) + 1
+    if pred == "Brake hard." and self.asked[pred] == 1:
+      return "about forty"
+    return str(DRIVELM_JUDGE[pred])
+
+
+def test_drivelm_point_match():
+  f1, matched = drivelm.match_points(
+    DRIVELM_PREDICTIONS["s1_f1_0"], "<c1,X,100.0,200.0> <c2,X,500.0,300.0>"
+  )
+  assert f1 == pytest.approx(0.5) and matched == [(100.0, 200.0)]
+  # A dangling number is dropped; each ground-truth point is used once; 16 px is not a match.
+  assert drivelm.points("1.0 2.0 3.0") == [(1.0, 2.0)]
+  f1, matched = drivelm.match_points("1.0,1.0 2.0,2.0", "0.0,0.0")
+  assert matched == [(0.0, 0.0)] and f1 == pytest.approx(2 * 0.5 * 1 / 1.5)
+  assert drivelm.match_points("16.0,0.0", "0.0,0.0")[0] == pytest.approx(0.0)
+  assert drivelm.match_points("15.9,0.0", "0.0,0.0")[0] == pytest.approx(1.0)
+  assert drivelm.match_points("no numbers", "0.0,0.0") == (0.0, [])
+
+
+def test_drivelm_metrics_with_graph_gating():
+  judge = FakeDriveLMJudge()
+  predictions = [{"id": k, "question": "", "answer": v} for k, v in DRIVELM_PREDICTIONS.items()]
+  out = drivelm.evaluate(DRIVELM_TEST, {"method": "x", "results": predictions}, judge=judge)
+  assert out["counts"] == {"qas": 11, "scored": 8, "skipped_by_graph": 3, "frames": 2}
+  assert out["accuracy"] == pytest.approx(2 / 3)  # f1#1 right, f1#6 wrong, f2#3 right
+  assert out["chatgpt"] == pytest.approx(50.0)  # (60 + 40) / 2
+  assert out["match_f1"] == pytest.approx(100.0)
+  assert out["match"] == pytest.approx(90.0)  # (100 + 80) / 2
+  assert judge.asked == {"Stop now.": 1, "Brake hard.": 2, DRIVELM_PREDICTIONS["s1_f1_3"]: 1}
+  assert out["judge"]["scored"] == 3 and out["judge"]["failed"] == 0
+  want_language = language.caption_metrics(
+    [DRIVELM_PREDICTIONS["s1_f1_0"], DRIVELM_PREDICTIONS["s1_f2_0"]],
+    [
+      DRIVELM_TEST["s1"]["key_frames"]["f1"]["QA"]["perception"][0]["A"],
+      DRIVELM_TEST["s1"]["key_frames"]["f2"]["QA"]["perception"][0]["A"],
+    ],
+  )
+  assert out["language"] == want_language
+  lang = sum(want_language[f"Bleu_{n}"] for n in range(1, 5)) / 12
+  lang += want_language["ROUGE_L"] / 3 + want_language["CIDEr"] / 30
+  want_final = 0.4 * 0.5 + 0.2 * lang + 0.2 * 0.9 + 0.2 * (2 / 3)
+  assert out["final_score"] == pytest.approx(want_final)
+
+
+def test_drivelm_judge_failures_and_missing_predictions():
+  class Mute:
+    name = "mute"
+
+    def chat(self, system, parts, *, temperature):
+      raise JudgeError("HTTP 500")
+
+  out = drivelm.evaluate(
+    DRIVELM_TEST, [{"id": k, "answer": v} for k, v in DRIVELM_PREDICTIONS.items()], judge=Mute()
+  )
+  assert out["judge"]["failed"] == 3 and out["chatgpt"] is None and out["final_score"] is None
+  incomplete = {k: v for k, v in DRIVELM_PREDICTIONS.items() if k != "s1_f2_3"}
+  with pytest.raises(rec.RecordError, match="1 test QAs have no prediction.*s1_f2_3"):
+    drivelm.evaluate(DRIVELM_TEST, [{"id": k, "answer": v} for k, v in incomplete.items()])

@@ -34,7 +34,7 @@ import dataclasses
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -107,7 +107,7 @@ class Judgment:
 
   record_id: str
   template: str
-  score: int | None
+  score: float | None
   reply: str | None
   error: str | None
   attempts: int
@@ -121,21 +121,24 @@ def judge_one(
   *,
   attempts: int = 3,
   temperature: float = JUDGE_TEMPERATURE,
+  system: str = "",
+  parse: Callable[[str], float | None] = rubrics.parse_total_score,
 ) -> Judgment:
-  """Asks `judge` up to `attempts` times until a reply carries a `Total Score`."""
+  """Asks `judge` (system + one user message) up to `attempts` times until `parse` finds a
+  score in the reply (DriveBench: `Total Score: N`)."""
   if attempts < 1:
     raise ValueError(f"attempts must be >= 1, got {attempts}")
   error, reply = None, None
   for attempt in range(1, attempts + 1):
     try:
-      reply = judge.chat("", [message], temperature=temperature)
+      reply = judge.chat(system, [message], temperature=temperature)
     except JudgeError as e:
       error, reply = f"judge call failed: {e}", None
       continue
-    score = rubrics.parse_total_score(reply)
+    score = parse(reply)
     if score is not None:
       return Judgment(record_id, template, score, reply, None, attempt)
-    error = "reply has no 'Total Score: N' (0-100)"
+    error = f"reply has no score ({parse.__name__})"
   return Judgment(record_id, template, None, reply, error, attempts)
 
 

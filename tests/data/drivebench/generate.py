@@ -25,7 +25,12 @@ def main() -> None:
     if child.name not in ("generate.py", "README.md"):
       shutil.rmtree(child) if child.is_dir() else child.unlink()
   paths = write_synthetic_driving(
-    HERE, num_train_frames=0, num_test_frames=2, seed=0, image_size=16, corruptions=("fog", "bright")
+    HERE,
+    num_train_frames=0,
+    num_test_frames=2,
+    seed=0,
+    image_size=16,
+    corruptions=("fog", "bright"),
   )
   for extra in (paths.drivelm_json, paths.drivekd_train_json, paths.drivekd_test_json):
     extra.unlink()
