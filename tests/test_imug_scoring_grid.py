@@ -115,3 +115,51 @@ def test_real_ground_truths_round_trip(tmp_path):
 def test_rejects_non_bgr_arrays():
   with pytest.raises(ValueError, match="BGR uint8"):
     grid.detect_grid(np.zeros((10, 10), np.float32))
+
+
+# Threshold probes: an image whose grid box is exactly the 300 px canvas, so no resize blurs the
+# pixel counts. The occupancy mean is 255 x (filled share of the 80x80 cell interior; a dark
+# w x h block fills (w-2)(h-2) after the 3x3 erosion), the colour means 255 x (share of the 60x60
+# colour patch). Official thresholds: occupancy mean >= 15, colour mean > 30.
+PROBE_PAD = 50
+DARK, RED, GREEN = (60, 60, 60), (0, 0, 255), (0, 255, 0)
+
+
+def _probe_canvas():
+  image = np.full((400, 400, 3), 255, np.uint8)
+  cv2.rectangle(image, (PROBE_PAD, PROBE_PAD), (PROBE_PAD + 299, PROBE_PAD + 299), (0, 0, 0), 1)
+  return image
+
+
+def _block(image, row, col, width, height, colour, dx=20, dy=20):
+  """A solid block with its top-left corner at (dx, dy) inside cell (row, col)."""
+  x0, y0 = PROBE_PAD + col * 100 + dx, PROBE_PAD + row * 100 + dy
+  image[y0 : y0 + height, x0 : x0 + width] = colour
+
+
+def _plain_cube(image, row, col):
+  """A bordered blue cube covering the cell interior (occupied, neither red nor green)."""
+  x0, y0 = PROBE_PAD + col * 100 + 10, PROBE_PAD + row * 100 + 10
+  cv2.rectangle(image, (x0, y0), (x0 + 79, y0 + 79), FILLS["1"], -1)
+  cv2.rectangle(image, (x0, y0), (x0 + 79, y0 + 79), (20, 20, 20), 4)
+
+
+def test_occupancy_and_colour_thresholds_at_the_boundary():
+  image = _probe_canvas()
+  # Occupancy: 17 x 22 = 374 filled px (mean 14.90) is empty; 21 x 18 = 378 (15.06) is a cube.
+  _block(image, 0, 0, 19, 24, DARK, dx=40, dy=38)
+  _block(image, 0, 1, 23, 20, DARK, dx=38, dy=40)
+  for col in range(3):
+    _plain_cube(image, 1, col)
+    _plain_cube(image, 2, col)
+  # Colour: 423 px of the 3600 (mean 29.96) is not enough, 424 px (30.03) is.
+  _block(image, 1, 0, 9, 47, RED)
+  _block(image, 1, 1, 8, 53, RED)
+  _block(image, 1, 2, 8, 53, GREEN)
+  _block(image, 2, 0, 9, 47, GREEN)
+  _block(image, 2, 1, 8, 53, RED)  # both above the threshold: red wins
+  _block(image, 2, 1, 8, 53, GREEN, dx=40)
+  _block(image, 2, 2, 9, 47, RED)  # red just below, green just above: green
+  _block(image, 2, 2, 8, 53, GREEN, dx=40)
+  expected = [["0", "1", "0"], ["1", "r", "g"], ["1", "r", "g"]]
+  assert grid.detect_grid(image).matrix == expected
