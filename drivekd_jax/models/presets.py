@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 from drivekd_jax.models.config import DecoderConfig, InternVLConfig, VisionConfig
+from drivekd_jax.models.qwen25_vl import Qwen25VisionConfig, Qwen25VLConfig
 
 VOCAB_SIZE = 151674
 IMAGE_TOKEN_ID = 151667
@@ -132,6 +133,90 @@ def internvl3(
     image_token_id=image_token_id,
     downsample_ratio=0.5,
     vision_select_layer=-1,
+    dtype=dtype,
+    param_dtype=param_dtype or dtype,
+  )
+
+
+# Qwen2.5-VL-{3B,7B,32B,72B}-Instruct (their config.json files): one vision tower design (32
+# blocks of width 1280, SwiGLU width 3420, 3456 for 32B/72B, full attention in blocks 7/15/23/31,
+# 112 px windows) whose merger maps into the decoder width; Qwen2.5 decoders with M-RoPE sections
+# (16, 24, 24). Only the 3B ties its head.
+QWEN25_VL_IMAGE_TOKEN_ID = 151655
+_QWEN25_MROPE = (16, 24, 24)
+
+
+def _qwen25_vl(hidden, layers, heads, kv_heads, ffn, vocab, tied, vit_ffn=3420) -> Qwen25VLConfig:
+  text = DecoderConfig(
+    vocab_size=vocab,
+    hidden_size=hidden,
+    num_layers=layers,
+    num_heads=heads,
+    num_kv_heads=kv_heads,
+    intermediate_size=ffn,
+    rope_theta=1_000_000.0,
+    rms_norm_eps=1e-6,
+    qkv_bias=True,
+    tie_word_embeddings=tied,
+    max_position_embeddings=128000,
+    mrope_section=_QWEN25_MROPE,
+  )
+  vision = Qwen25VisionConfig(intermediate_size=vit_ffn, out_hidden_size=hidden)
+  return Qwen25VLConfig(vision=vision, text=text)
+
+
+_QWEN25_VL_FULL = {
+  "3B": _qwen25_vl(2048, 36, 16, 2, 11008, 151936, True),
+  "7B": _qwen25_vl(3584, 28, 28, 4, 18944, 152064, False),
+  "32B": _qwen25_vl(5120, 64, 40, 8, 27648, 152064, False, vit_ffn=3456),
+  "72B": _qwen25_vl(8192, 80, 64, 8, 29568, 152064, False, vit_ffn=3456),
+}
+# A tiny Qwen2.5-VL for tests and the demo: 56 px windows (2x2 merged tokens), full attention in
+# the last vision block; head_dim 16 gives 8 rotary frequencies, split (2, 3, 3).
+_QWEN25_VL_TINY = Qwen25VLConfig(
+  vision=Qwen25VisionConfig(
+    hidden_size=32,
+    depth=2,
+    num_heads=4,
+    intermediate_size=64,
+    window_size=56,
+    out_hidden_size=_TINY_TEXT.hidden_size,
+    fullatt_block_indexes=(1,),
+  ),
+  text=dataclasses.replace(_TINY_TEXT, mrope_section=(2, 3, 3)),
+)
+QWEN25_VL_NAMES = tuple(_QWEN25_VL_FULL) + ("tiny",)
+
+
+def qwen25_vl(
+  name: str,
+  *,
+  dtype: str = "float32",
+  param_dtype: str | None = None,
+  image_token_id: int | None = None,
+  **text_overrides,
+) -> Qwen25VLConfig:
+  """The Qwen2.5-VL config called `name` ("3B", "7B", "32B", "72B", "tiny").
+
+  `image_token_id` overrides `<|image_pad|>` (151655; 500 for "tiny") and `text_overrides`
+  replace `DecoderConfig` fields (e.g. `vocab_size`, `tie_word_embeddings`).
+  """
+  if name in _QWEN25_VL_FULL:
+    config, default_token_id = _QWEN25_VL_FULL[name], QWEN25_VL_IMAGE_TOKEN_ID
+  elif name == "tiny":
+    config, default_token_id = _QWEN25_VL_TINY, TINY_IMAGE_TOKEN_ID
+  else:
+    raise ValueError(f"unknown Qwen2.5-VL preset {name!r}; known: {', '.join(QWEN25_VL_NAMES)}")
+  text = dataclasses.replace(config.text, **text_overrides)
+  image_token_id = default_token_id if image_token_id is None else image_token_id
+  if not 0 <= image_token_id < text.vocab_size:
+    raise ValueError(
+      f"image_token_id {image_token_id} is outside the vocabulary (vocab_size {text.vocab_size})"
+    )
+  return dataclasses.replace(
+    config,
+    text=text,
+    image_token_id=image_token_id,
     dtype=dtype,
     param_dtype=param_dtype or dtype,
   )
