@@ -114,6 +114,22 @@ def _turn(loop: SamplerLoop, params, chunk, chunk_mask, cache, pending, pending_
 _JITTED_TURN = jax.jit(_turn, static_argnums=0, donate_argnums=4)
 
 
+def split_into_pieces(tokens: list[int], largest: int, suffix: int) -> list[list[int]]:
+  """Splits a chunk into pieces of at most `largest` tokens, in one pass over it.
+
+  Pieces are cut from the front; the last piece keeps the final `suffix` tokens (the turn's
+  header) whole, so it may be shorter than `largest` where a full cut would split the header.
+  """
+  pieces, start, end = [], 0, len(tokens)
+  while end - start > largest:
+    cut = min(largest, end - start - suffix)
+    if cut <= 0:  # A header longer than a bucket: the last piece fails the bucket check.
+      break
+    pieces.append(tokens[start : start + cut])
+    start += cut
+  return [*pieces, tokens[start:]]
+
+
 class TinyUnifiedModel:
   """A `UnifiedModel` running a small `Decoder` in process (see the module docstring).
 
@@ -161,6 +177,13 @@ class TinyUnifiedModel:
       )
     self._lock = threading.Lock()
     self.newline_tokens = [int(t) for t in tokenizer.encode("\n")]
+    vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
+    # A byte-level token's string has one character per byte: an upper bound of its characters.
+    self.token_budget = protocol.TokenBudget(
+      max_tokens=config.cache_length - 1 - min(config.max_text_tokens, self.images.num_tokens),
+      tokens_per_image=self.images.num_tokens + 2,
+      max_chars_per_token=max(len(token) for token in vocab),
+    )
     self.reset()
 
   # ------------------------------------------------------------------------------ tokenization
@@ -243,18 +266,12 @@ class TinyUnifiedModel:
     if output_mode not in protocol.OUTPUT_MODES:
       raise ValueError(f"output_mode must be one of {protocol.OUTPUT_MODES}, got {output_mode!r}")
     rng = jax.random.key(0) if rng is None else rng
+    self.token_budget.check(history)  # Before any tokenizing: what cannot fit costs nothing.
     with self._lock:
       return self._respond(list(history), output_mode, float(temperature), rng)
 
   def _pieces(self, delta: list[int], suffix: int) -> list[list[int]]:
-    """Splits a chunk into pieces of at most the largest bucket; the last keeps the header."""
-    largest = self.config.chunk_buckets[-1]
-    pieces = []
-    while len(delta) > largest:
-      cut = min(largest, len(delta) - suffix)
-      pieces.append(delta[:cut])
-      delta = delta[cut:]
-    return [*pieces, delta]
+    return split_into_pieces(delta, self.config.chunk_buckets[-1], suffix)
 
   def _slots_needed(self, pieces: list[list[int]], new_tokens: int) -> int:
     """Cache slots a call occupies at its peak: earlier pieces stay, the last one samples."""
