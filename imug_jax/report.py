@@ -9,6 +9,8 @@
   summary.md         the official markdown tables (as `summarize_results.py` prints them)
   report.md          everything, with the plots
   scores/<run>.jsonl every per-turn record
+  judge/             an OpenAI-compatible judge's reply cache and request log (`run_from_config`
+                     and the CLI): a rerun pays for no reply twice, `replay_only` replays exactly
   score_by_turn_<run>.png, own_vs_reference_<run>.png, tts_gains.png
 
 Run names pair up by convention: `<m>__refhist` is the reference-history control of `<m>`
@@ -188,7 +190,7 @@ def run_from_config(config, workdir: str | Path, model, bench: release_lib.Relea
   """
   scoring = _section(config, "scoring")
   tts = _section(config, "tts")
-  judge = _judge_from_config(scoring, model)
+  judge = _judge_from_config(scoring, model, Path(workdir) / "report" / "judge")
   out_dir = Path(workdir) / "outputs" / "model_outputs"
   samples = list(bench.samples or ())
   max_samples = _section(config, "data").get("max_samples", 0)
@@ -250,7 +252,9 @@ def _section(config, name: str) -> Mapping[str, Any]:
   return value if value is not None else {}
 
 
-def _judge_from_config(scoring: Mapping[str, Any], model) -> Judge:
+def _judge_from_config(scoring: Mapping[str, Any], model, cache_dir: Path) -> Judge:
+  """The configured judge; an OpenAI-compatible one keeps its reply cache and request log in
+  `cache_dir` (with the report), so a rerun pays for no reply twice."""
   kind = scoring.get("judge", "random")
   if kind == "random":
     return make_judge("random", seed=int(scoring.get("judge_seed", 2026)))
@@ -261,6 +265,9 @@ def _judge_from_config(scoring: Mapping[str, Any], model) -> Judge:
       model=scoring["judge_model"],
       api_key_env=scoring.get("api_key_env", "IMUG_JUDGE_API_KEY"),
       timeout_s=float(scoring.get("timeout_s", 150.0)),
+      concurrency=int(scoring.get("concurrency", 4)),
+      cache_dir=cache_dir,
+      replay_only=bool(scoring.get("replay_only", False)),
     )
   if kind == "local":
     return make_judge("local", model=model, seed=int(scoring.get("judge_seed", 0)))
@@ -483,14 +490,23 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--base_url", default="")
   parser.add_argument("--judge_model", default="")
   parser.add_argument("--api_key_env", default="IMUG_JUDGE_API_KEY")
+  parser.add_argument(
+    "--replay_only", action="store_true", help="answer only from the judge's reply cache"
+  )
   parser.add_argument("--official_prompts_dir", default="")
   parser.add_argument("--mcq_parser", default="official", choices=("official", "corrected"))
   parser.add_argument("--missing_output", default="zero", choices=("zero", "judge"))
   parser.add_argument("--workers", type=int, default=4)
   args = parser.parse_args(argv)
   if args.judge == "openai":
+    report_dir = Path(args.report_dir or Path(args.out_dir).parent / "report")
     judge = make_judge(
-      "openai", base_url=args.base_url, model=args.judge_model, api_key_env=args.api_key_env
+      "openai",
+      base_url=args.base_url,
+      model=args.judge_model,
+      api_key_env=args.api_key_env,
+      cache_dir=report_dir / "judge",
+      replay_only=args.replay_only,
     )
   else:
     judge = make_judge("random", seed=args.seed)

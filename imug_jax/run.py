@@ -16,17 +16,24 @@ Config (see configs/imug/demo.py):
                        scoring.enabled False skips it; tts (optional) test-time scaling
 Outputs: <workdir>/outputs/model_outputs/<name>[__refhist]/<domain>/<subdomain>/question_<id>/,
 <workdir>/outputs/rollout_summary.json and, with scoring, <workdir>/report/.
+
+What a first start makes (the synthetic benchmark folder, the tokenizer file) is built in a
+temporary sibling and renamed into place, the folder with a completion marker
+(`drivekd_jax.paths.build_folder`), so an interrupted first start is simply redone by the next.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from absl import logging
 
+from drivekd_jax import paths
 from imug_jax.data import release as release_lib
 from imug_jax.data import synthetic
 from imug_jax.models.protocol import UnifiedModel
@@ -44,11 +51,16 @@ def load_benchmark(config, workdir: str | Path) -> release_lib.Release:
     return release_lib.load_release(config.data.release_dir)
   if source != "synthetic":
     raise ValueError(f"data.source must be 'synthetic' or 'release', got {source!r}")
+  num_samples = config.data.num_samples
+  if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+    raise ValueError(f"data.num_samples must be an integer >= 1, got {num_samples!r}")
   root = Path(workdir) / "benchmark"
-  if (root / release_lib.BENCHMARK).exists():
-    return release_lib.load_release(root)
-  logging.info("writing the synthetic benchmark to %s", root)
-  return synthetic.write_synthetic(root, config.data.num_samples, config.data.seed)
+  if not paths.is_complete(root):
+    logging.info("writing the synthetic benchmark to %s", root)
+  paths.build_folder(
+    root, lambda temp: synthetic.write_synthetic(temp, num_samples, config.data.seed)
+  )
+  return release_lib.load_release(root)
 
 
 def text_corpus(bench: release_lib.Release) -> list[str]:
@@ -68,6 +80,7 @@ def build_model(
 ) -> UnifiedModel:
   """The configured model: a tiny in-process JAX model or an `/infer` HTTP client."""
   cfg = config.model
+  paths.check_path_component(cfg.name, "model.name")
   if cfg.kind == "http":
     from imug_jax.models.http import HttpModel
 
@@ -81,7 +94,14 @@ def build_model(
       tok = text_tokenizer.Tokenizer.from_path(path)
     else:
       bench = bench or load_benchmark(config, workdir)
-      tok = text_tokenizer.train_bpe_tokenizer(text_corpus(bench), cfg.text_vocab_size, path)
+      path.parent.mkdir(parents=True, exist_ok=True)
+      handle, temp = tempfile.mkstemp(dir=path.parent, prefix=".tokenizer.", suffix=".json")
+      os.close(handle)
+      try:
+        tok = text_tokenizer.train_bpe_tokenizer(text_corpus(bench), cfg.text_vocab_size, temp)
+        os.replace(temp, path)  # Whole or absent: a killed first start trains it again.
+      finally:
+        Path(temp).unlink(missing_ok=True)
     fields = {f.name for f in dataclasses.fields(TinyConfig)}
     tiny = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.tiny.items() if k in fields}
     model = TinyUnifiedModel(tok, TinyConfig(**tiny), seed=cfg.seed, name=cfg.name)
@@ -109,8 +129,11 @@ def rollout(
 ) -> dict[str, Any]:
   """Runs the own-history rollout (and the reference-history control); returns the summary."""
   samples = list(bench.samples or ())
-  if config.data.get("max_samples", 0):
-    samples = samples[: config.data.max_samples]
+  max_samples = config.data.get("max_samples", 0)
+  if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 0:
+    raise ValueError(f"data.max_samples must be an integer >= 0 (0: all), got {max_samples!r}")
+  if max_samples:
+    samples = samples[:max_samples]
   out_dir = Path(workdir) / "outputs" / "model_outputs"
   r = config.rollout
   common = dict(
@@ -150,7 +173,7 @@ def rollout(
     "train_losses": getattr(model, "train_losses", None),
     "runs": {name: dataclasses.asdict(s) for name, s in runs.items()},
   }
-  (out_dir.parent / "rollout_summary.json").write_text(json.dumps(summary, indent=2))
+  paths.write_text_atomic(out_dir.parent / "rollout_summary.json", json.dumps(summary, indent=2))
   for name, s in runs.items():
     logging.info(
       "rollout %s: %d done, %d skipped, %d failed, %d error turns of %d",

@@ -9,8 +9,10 @@ The release format (see `docs/imug_protocol.md` §1.4): one sample per line of
               "output": {"answer": "B" | "<DYNAMIC>" | "A+<DYNAMIC>"}   # text turns
                      or {"evaluation_points": [str, ...]}}]}         # image turns
 
-Parsing is strict and every error names the file, the line, the sample and the turn. Fields we do
-not know are kept (`extra`) so that a record round-trips unchanged, and a rollout's
+Parsing is strict and every error names the file, the line, the sample and the turn. The sample
+key (domain, subdomain, sample id) and image names become paths of the output layout, so each
+must be a plain path component (`drivekd_jax.paths`): no `/`, `\\`, `..` or drive prefix.
+Fields we do not know are kept (`extra`) so that a record round-trips unchanged, and a rollout's
 `result.json` (the record plus `model_response` per task) is read by the same code.
 """
 
@@ -24,6 +26,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from drivekd_jax.paths import path_component_problem
 
 MODALITIES = ("text", "image")
 DYNAMIC = "<DYNAMIC>"
@@ -202,6 +206,13 @@ def _require(cond: bool, message: str, **loc) -> None:
     raise BenchmarkFormatError(f"{where(**loc)}: {message}")
 
 
+def _require_key_part(value: Any, name: str, loc: dict[str, Any], label: str = "") -> None:
+  """A part of a sample key: a non-empty string that is a plain path component."""
+  problem = path_component_problem(value)
+  message = f"{label or name} (a folder of the output layout) {problem}"
+  _require(problem is None, message, **loc, field=name)
+
+
 def _is_int(value: Any) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
 
@@ -247,11 +258,9 @@ def _parse_turn(raw: Any, loc: dict[str, Any]) -> Turn:
       field=field,
     )
     if kind == "image":
+      problem = path_component_problem(value)
       _require(
-        value != "" and "/" not in value and "\\" not in value and value not in (".", ".."),
-        f"image must be a plain file name under images/, got {value!r}",
-        **loc,
-        field=field,
+        problem is None, f"image must be a file name under images/: {problem}", **loc, field=field
       )
     inputs.append(InputItem(**{kind: value}))
   _require(inputs[0].text is not None, "the first input item must be text", **loc, field="input[0]")
@@ -319,21 +328,11 @@ def parse_sample(raw: Any, *, path: str | Path | None = None, line: int | None =
   _require(
     isinstance(raw, dict), f"a sample must be a JSON object, got {type(raw).__name__}", **loc
   )
-  for name in ("domain", "sample_id"):
-    _require(
-      isinstance(raw.get(name), str) and raw[name] != "",
-      f"{name} must be a non-empty string, got {raw.get(name)!r}",
-      **loc,
-      field=name,
-    )
   subdomain_field = "subdomain" if "subdomain" in raw else "category"
-  subdomain = raw.get(subdomain_field)
-  _require(
-    isinstance(subdomain, str) and subdomain != "",
-    f"subdomain (or category) must be a non-empty string, got {subdomain!r}",
-    **loc,
-    field=subdomain_field,
-  )
+  for name in ("domain", subdomain_field, "sample_id"):
+    label = "subdomain (or category)" if name == subdomain_field else name
+    _require_key_part(raw.get(name), name, loc, label=label)
+  subdomain = raw[subdomain_field]
   name = f"{raw['domain']}/{subdomain}/{raw['sample_id']}"
   loc["sample"] = name
   system_prompt = raw.get("system_prompt")
@@ -426,12 +425,7 @@ class ImageRef:
 
 def _key_of(raw: Mapping[str, Any], loc: dict[str, Any]) -> SampleKey:
   for name in ("domain", "subdomain", "sample_id"):
-    _require(
-      isinstance(raw.get(name), str) and raw[name] != "",
-      f"{name} must be a non-empty string, got {raw.get(name)!r}",
-      **loc,
-      field=name,
-    )
+    _require_key_part(raw.get(name), name, loc)
   return SampleKey(raw["domain"], raw["subdomain"], raw["sample_id"])
 
 

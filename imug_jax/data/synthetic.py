@@ -567,6 +567,8 @@ def make_sample(index: int, seed: int, *, min_turns: int = 2, max_turns: int = 6
 
 def write_synthetic(out: str | Path, num_samples: int, seed: int = 0) -> release.Release:
   """Writes the synthetic benchmark under `out` and returns it loaded and cross-checked."""
+  if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+    raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
   out = Path(out)
   for sub in (release.IMAGES, release.GRID_GT, GROUND_TRUTH):
     (out / sub).mkdir(parents=True, exist_ok=True)
@@ -668,6 +670,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--num_samples", type=int, default=16)
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
+  if args.num_samples < 1:
+    parser.error(f"--num_samples must be >= 1, got {args.num_samples}")
   bench = write_synthetic(args.out, args.num_samples, args.seed)
   turns = sum(len(s.tasks) for s in bench.samples or ())
   print(f"wrote {len(bench.samples or ())} samples, {turns} turns to {bench.data_dir}")

@@ -22,8 +22,6 @@ import dataclasses
 import io
 import json
 import logging
-import os
-import tempfile
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +31,7 @@ import jax
 from PIL import Image
 from tqdm import tqdm
 
+from drivekd_jax.paths import check_path_component, inside, write_bytes_atomic
 from imug_jax.data.schema import BenchmarkFormatError, Sample, parse_sample
 from imug_jax.models import protocol
 from imug_jax.models.protocol import Response, UnifiedModel
@@ -57,15 +56,6 @@ class RolloutSummary:
   turns: int = 0
   error_turns: int = 0  # Turns recorded as "ERROR: ...".
   failures: list[str] = dataclasses.field(default_factory=list)
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-  """Writes a file via a temp file and a rename: readers see all of it or nothing."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  with os.fdopen(handle, "wb") as f:
-    f.write(data)
-  os.replace(temp, path)
 
 
 def as_png(data: bytes) -> bytes:
@@ -105,7 +95,7 @@ def user_message(task, images_dir: Path) -> protocol.Message:
     if item.text is not None:
       content.append(protocol.text_item(item.text))
     else:
-      content.append(protocol.image_item((images_dir / item.image).read_bytes()))
+      content.append(protocol.image_item(inside(images_dir, item.image).read_bytes()))
   return protocol.message("user", content)
 
 
@@ -192,7 +182,7 @@ def run_rollout(
     A `RolloutSummary`. Samples that raise outside a model call (e.g. a missing input image or
     reference) are counted in `failed` with their error and leave no result.json.
   """
-  model_dir = Path(out_dir) / (model_name or model.name)
+  model_dir = Path(out_dir) / check_path_component(model_name or model.name, "model name")
   summary = RolloutSummary()
   todo = []
   for sample in samples:

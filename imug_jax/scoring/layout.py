@@ -7,23 +7,27 @@
     scores/turn_<t>.dynamic.json the resolved dynamic answer of turn t
 
 Score records sit next to result.json so that a rerun finds and keeps what is already scored.
+Every name joined here (the sample key's parts, image names read from a result.json) is checked to
+be a plain path component, so nothing is read or written outside the model folder.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from drivekd_jax import paths
 from imug_jax.data.schema import Sample, SampleKey, parse_sample
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def question_dir(model_dir: str | Path, key: SampleKey) -> Path:
-  return Path(model_dir) / key.domain / key.subdomain / f"question_{key.sample_id}"
+  """`<model_dir>/<domain>/<subdomain>/question_<id>`; ValueError if a part is not a plain name."""
+  return paths.inside(
+    model_dir, key.domain, key.subdomain, f"question_{key.sample_id}", where=f"sample {key}"
+  )
 
 
 def score_path(model_dir: str | Path, key: SampleKey, turn: int, kind: str = "") -> Path:
@@ -54,7 +58,12 @@ def find_output_image(
   if result is not None:
     for task in result.tasks:
       name = task.model_response
-      if task.turn == turn and name and Path(name).suffix.lower() in IMAGE_SUFFIXES:
+      if (
+        task.turn == turn
+        and name
+        and paths.path_component_problem(name) is None
+        and Path(name).suffix.lower() in IMAGE_SUFFIXES
+      ):
         candidate = folder / name
         if candidate.is_file():
           return candidate
@@ -64,7 +73,7 @@ def find_output_image(
 def find_input_image(images_dir: str | Path, filenames: tuple[str, ...]) -> Path | None:
   """The first of a turn's input images that exists under images/ (the official rule)."""
   for name in filenames:
-    candidate = Path(images_dir) / name
+    candidate = paths.inside(images_dir, name, where="input image")
     if candidate.exists():
       return candidate
   return None
@@ -81,8 +90,4 @@ def read_record(path: Path) -> dict[str, Any] | None:
 
 def write_record(path: Path, record: dict[str, Any]) -> None:
   """Writes JSON atomically (temp file + rename) so an interrupted run never leaves half a file."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  with os.fdopen(handle, "w", encoding="utf-8") as file:
-    json.dump(record, file, indent=2, ensure_ascii=False)
-  os.replace(temp, path)
+  paths.write_text_atomic(path, json.dumps(record, indent=2, ensure_ascii=False))
