@@ -22,6 +22,7 @@ CORE = [
   "tensorboardX",
   "opencv-python-headless",
   "pycocoevalcap",
+  "matplotlib",
 ]
 
 TEST = [

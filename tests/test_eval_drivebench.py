@@ -479,3 +479,86 @@ def test_drivelm_judge_failures_and_missing_predictions():
   incomplete = {k: v for k, v in DRIVELM_PREDICTIONS.items() if k != "s1_f2_3"}
   with pytest.raises(rec.RecordError, match="1 test QAs have no prediction.*s1_f2_3"):
     drivelm.evaluate(DRIVELM_TEST, [{"id": k, "answer": v} for k, v in incomplete.items()])
+
+
+# ---------------------------------------------------------------------------------------------
+# Efficiency and report
+
+
+def tiny_internvl():
+  from flax import nnx
+
+  from drivekd_jax.models.config import DecoderConfig, InternVLConfig, VisionConfig
+  from drivekd_jax.models.internvl import InternVL
+
+  config = InternVLConfig(
+    vision=VisionConfig(
+      image_size=28, patch_size=14, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32
+    ),
+    text=DecoderConfig(
+      vocab_size=64,
+      hidden_size=16,
+      num_layers=1,
+      num_heads=2,
+      num_kv_heads=1,
+      intermediate_size=32,
+    ),
+    image_token_id=60,
+  )
+  return InternVL(config, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("fast_compiles")
+def test_measure_generation_formula_and_memory():
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  from drivekd_jax.eval import efficiency
+
+  model = tiny_internvl()
+  ids = np.asarray([[1, 60, 2, 3, 4], [5, 60, 6, 7, 8]], np.int32)  # one 1-token image per row
+  pixels = np.zeros((2, 28, 28, 3), np.float32)
+  # A fake clock: each timed first-token call lasts 0.5 s, each full call 2 s.
+  ticks = iter([0, 0.5, 1, 1.5, 10, 12, 20, 22])
+  out = efficiency.measure_generation(
+    model, ids, pixels, new_tokens=4, repeats=2, clock=lambda: next(ticks)
+  )
+  assert out.first_token_latency_s == 0.5
+  assert out.tokens_per_s == pytest.approx(2 * 3 / 1.5)
+  assert (out.batch_size, out.prompt_tokens, out.new_tokens) == (2, 5, 4)
+  assert out.memory_source == "live_arrays"  # CPU reports no peak
+  params = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert out.memory_gb * efficiency.GIB >= params
+  real = efficiency.measure_generation(model, ids, pixels, new_tokens=4, repeats=1)
+  assert real.first_token_latency_s > 0 and real.tokens_per_s > 0
+  with pytest.raises(ValueError, match="new_tokens must be >= 2"):
+    efficiency.measure_generation(model, ids, pixels, new_tokens=1)
+
+
+def test_report_table1_and_plot(tmp_path):
+  from PIL import Image
+
+  from drivekd_jax.eval import efficiency, report
+
+  answers = drivebench.validate_answers(fixture_answers(), "fixture")
+  scores = drivebench.score_answers(answers, judge=FakeJudge(), descriptions=descriptions())
+  fog = dict(scores, perception=20.0, average=None)
+  eff = efficiency.Efficiency(0.5, "live_arrays", 12.5, 0.25, 1, 100, 32, 3, "1 x cpu:cpu")
+  models = [
+    report.ModelResult("student", {"fog": fog, "clean": scores}, eff),
+    report.ModelResult("teacher", {"bright": scores}),
+  ]
+  path = report.write_report(tmp_path, models, judge_name="fake:fixed")
+  text = path.read_text()
+  rows = [line for line in text.splitlines() if line.startswith("| student | clean |")]
+  assert rows == [
+    "| student | clean | 50.00 | 63.33 | 35.00 | 49.44 | 0.500* | 12.5 | 0.250 |",
+    "| student | clean | 50.00 | 63.33 | 35.00 | 49.44 | 75.00 | 25.00 | 13 | 1 |",
+  ]
+  assert "| teacher | bright | 50.00 | 63.33 | 35.00 | 49.44 | - | - | - |" in text
+  assert "| student | fog | 20.00 | 63.33 | 35.00 | - |" in text
+  assert report.ordered_settings(["fog", "x", "clean", "bright"]) == ["clean", "bright", "fog", "x"]
+  with Image.open(tmp_path / "settings.png") as image:
+    assert image.size == (1200, 700)

@@ -1,0 +1,171 @@
+"""Deployment figures of Table 1: device memory, decode tokens/s and first-token latency.
+
+`measure_generation(model, input_ids, pixel_values)` times the jitted sampler
+(`models.sampling.Sampler`) on one fixed prompt:
+
+* **first-token latency**: wall time from the prompt's ids (and images) to the first sampled
+  token on the host: image encoding and embedding (`internvl.embed_inputs_jit`), prefill into a
+  fresh KV cache, one sample; the median of `repeats` timed calls after a compiling call.
+* **decode tokens/s**: the same call producing `new_tokens` tokens per row (no stop token, so
+  exactly that many) minus the first-token call, over the `new_tokens - 1` decode steps, times
+  the batch: `batch * (new_tokens - 1) / (t_all - t_first)` (medians).
+* **memory**: the sum over the model's devices of their `peak_bytes_in_use` when the backend
+  reports it (GPU, TPU; a process-wide peak since start, so measure in a fresh process to
+  attribute it to one model); where it does not (CPU), the bytes of all live arrays right after
+  generation (parameters, cache, outputs), marked `memory_source="live_arrays"`.
+
+The paper's hardware, batch size and serving stack are unknown, so these figures compare
+models measured here with each other, not with the paper's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from drivekd_jax.models.internvl import InternVL, embed_inputs_jit
+from drivekd_jax.models.qwen2 import Decoder
+from drivekd_jax.models.sampling import GREEDY, Sampler, SamplingMethod
+
+GIB = 1024**3
+
+
+@dataclasses.dataclass(frozen=True)
+class Efficiency:
+  """Table 1's deployment columns for one model, with how they were measured."""
+
+  memory_gb: float
+  memory_source: str  # "peak_bytes_in_use" or "live_arrays"
+  tokens_per_s: float
+  first_token_latency_s: float
+  batch_size: int
+  prompt_tokens: int
+  new_tokens: int
+  repeats: int
+  devices: str
+
+  def as_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def _median_time(fn: Callable[[], jax.Array], repeats: int, clock: Callable[[], float]) -> float:
+  jax.block_until_ready(fn())  # compile (or reuse) first
+  times = []
+  for _ in range(repeats):
+    start = clock()
+    jax.block_until_ready(fn())
+    times.append(clock() - start)
+  return statistics.median(times)
+
+
+def _model_devices(model) -> set:
+  from flax import nnx
+
+  devices = set()
+  for leaf in jax.tree.leaves(nnx.state(model)):
+    if isinstance(leaf, jax.Array):
+      devices.update(leaf.devices())
+  return devices
+
+
+def device_memory_bytes(devices) -> tuple[int, str]:
+  """(bytes, source): summed `peak_bytes_in_use` of `devices` if every one reports it, else the
+  bytes of all live arrays."""
+  peaks = []
+  for device in devices:
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if not stats or "peak_bytes_in_use" not in stats:
+      peaks = None
+      break
+    peaks.append(int(stats["peak_bytes_in_use"]))
+  if peaks:
+    return sum(peaks), "peak_bytes_in_use"
+  return sum(int(x.nbytes) for x in jax.live_arrays()), "live_arrays"
+
+
+def measure_generation(
+  model: InternVL | Decoder,
+  input_ids: np.ndarray | jax.Array,
+  pixel_values: np.ndarray | jax.Array | None = None,
+  *,
+  new_tokens: int = 32,
+  repeats: int = 3,
+  method: SamplingMethod = GREEDY,
+  attention_mask: np.ndarray | jax.Array | None = None,
+  clock: Callable[[], float] = time.perf_counter,
+) -> Efficiency:
+  """Memory, decode tokens/s and first-token latency of `model` on one prompt (module docstring).
+
+  Args:
+    model: an `InternVL` (images through `pixel_values`) or a bare `Decoder`.
+    input_ids: int `[B, L]` prompt, image-context ids expanded (InternVL).
+    pixel_values: the prompt's images in either `InternVL.embed_inputs` layout, or None.
+    new_tokens: tokens generated per row in the decode measurement (>= 2).
+    repeats: timed calls per measurement (the median is kept).
+    method: greedy (default) or sampling settings.
+    attention_mask: bool `[B, L]` (default all real).
+    clock: seconds (injectable for tests).
+
+  Returns:
+    An `Efficiency`.
+  """
+  if new_tokens < 2:
+    raise ValueError(f"new_tokens must be >= 2 to time decoding, got {new_tokens}")
+  input_ids = jnp.asarray(input_ids)
+  batch, length = input_ids.shape
+  if isinstance(model, InternVL):
+    decoder = model.language_model
+    pixels = None if pixel_values is None else jnp.asarray(pixel_values)
+
+    def prompt() -> dict:
+      return {"inputs_embeds": embed_inputs_jit(model, input_ids, pixels)}
+  elif isinstance(model, Decoder):
+    if pixel_values is not None:
+      raise ValueError("a bare Decoder takes no pixel_values")
+    decoder = model
+
+    def prompt() -> dict:
+      return {"input_ids": input_ids}
+  else:
+    raise TypeError(f"expected an InternVL or a Decoder, got {type(model).__name__}")
+
+  def sampler(count: int) -> Sampler:
+    return Sampler(
+      decoder, cache_length=length + 1 + new_tokens, max_new_tokens=count, method=method
+    )
+
+  first, full = sampler(1), sampler(new_tokens)
+  mask = None if attention_mask is None else jnp.asarray(attention_mask, bool)
+
+  def run(s: Sampler) -> Callable[[], jax.Array]:
+    return lambda: s.generate(**prompt(), attention_mask=mask, rng=jax.random.key(0)).tokens
+
+  t_first = _median_time(run(first), repeats, clock)
+  t_full = _median_time(run(full), repeats, clock)
+  state = full.generate(**prompt(), attention_mask=mask, rng=jax.random.key(0))
+  jax.block_until_ready(state.tokens)
+  if int(jnp.min(state.num_tokens)) != new_tokens:
+    raise AssertionError("a row stopped early: decode timing needs no stop tokens")
+  devices = _model_devices(model)
+  memory, source = device_memory_bytes(devices)
+  decode_time = t_full - t_first
+  if decode_time <= 0:  # timer noise on tiny models: count the whole call instead
+    decode_time = t_full
+  kinds = sorted({f"{d.platform}:{d.device_kind}" for d in devices})
+  return Efficiency(
+    memory_gb=memory / GIB,
+    memory_source=source,
+    tokens_per_s=batch * (new_tokens - 1) / decode_time,
+    first_token_latency_s=t_first,
+    batch_size=batch,
+    prompt_tokens=length,
+    new_tokens=new_tokens,
+    repeats=repeats,
+    devices=f"{len(devices)} x {', '.join(kinds)}",
+  )
