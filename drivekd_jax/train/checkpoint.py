@@ -8,7 +8,13 @@ One step folder holds four items:
 Teachers are never part of the state handed to `save`, so they never reach the disk.
 
 `PreemptionGuard` turns SIGTERM into a flag the training loop polls; the loop then saves and
-returns, so a new launch in the same workdir resumes from that step.
+returns, so a new launch in the same workdir resumes from that step; `PREEMPTED_EXIT_CODE` (143,
+128 + SIGTERM) is the exit status that tells a scheduler the run was preempted, not finished.
+
+`Checkpointer.restore_latest` restores the newest step that restores: a step that fails (a
+truncated file, a missing `_METADATA`, a half-written save) is named in a warning and moved aside
+to `<directory>/unrestorable/<step>` (never deleted), so that the run can save that step again,
+and the next older step is tried.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import logging as std_logging
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 import jax
@@ -93,13 +100,24 @@ def _from_json_data_state(stored: Any) -> Any:
   return stored["value"]
 
 
+PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM  # 143: what a shell reports for a SIGTERM death.
+UNRESTORABLE = "unrestorable"
+
+
+class NoRestorableCheckpointError(RuntimeError):
+  """Checkpoints exist, but none of them restores; the message names each step and its error."""
+
+
 @dataclasses.dataclass
 class Restored:
+  """A restored step; `skipped` names the newer steps that failed and were moved aside."""
+
   step: int
   state: Any
   rng: jax.Array
   data_state: Any
   metadata: dict
+  skipped: tuple[str, ...] = ()
 
 
 class Checkpointer:
@@ -192,10 +210,58 @@ class Checkpointer:
     )
 
   def restore_latest(self, abstract_state: Any, abstract_rng: Any) -> Restored | None:
-    step = self.latest_step()
-    if step is None:
+    """Restores the newest step that restores; None when there is no checkpoint at all.
+
+    Each newer step that fails is named in a warning and moved to `<directory>/unrestorable/`
+    (see `set_aside`), never deleted.
+
+    Raises:
+      NoRestorableCheckpointError: steps exist but none restores (each step's error is named).
+    """
+    failures = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        restored = self.restore(step, abstract_state, abstract_rng)
+      except Exception as error:  # Orbax and tensorstore raise many kinds for a broken step.
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+        logging.warning(
+          "checkpoint step %d in %s does not restore (%s); trying an older step",
+          step,
+          self.directory,
+          reason,
+        )
+        failures.append((step, reason))
+        continue
+      moved = tuple(self.set_aside(bad) for bad, _ in failures)
+      for bad, where in zip((b for b, _ in failures), moved):
+        logging.warning("checkpoint step %d moved aside to %s (kept, not deleted)", bad, where)
+      restored.skipped = moved
+      return restored
+    if not failures:
       return None
-    return self.restore(step, abstract_state, abstract_rng)
+    listed = "; ".join(f"step {step}: {reason}" for step, reason in failures)
+    raise NoRestorableCheckpointError(
+      f"no checkpoint in {self.directory} restores ({listed}); the steps are left in place"
+    )
+
+  def set_aside(self, step: int) -> str:
+    """Moves step folder `step` to `<directory>/unrestorable/<step>[.<time>]`; returns the path.
+
+    Only process 0 moves it (the others wait for it), then every process forgets the step.
+    """
+    aside_dir = os.path.join(self.directory, UNRESTORABLE)
+    target = os.path.join(aside_dir, str(step))
+    if os.path.exists(target):
+      target += time.strftime(".%Y%m%d-%H%M%S")
+    if jax.process_index() == 0:
+      os.makedirs(aside_dir, exist_ok=True)
+      os.replace(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices(f"checkpoint_set_aside_{step}")
+    self._manager.reload()
+    return target
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -280,6 +346,37 @@ def restore_partial(directory: str, step: int, target: Any, item: str = "state")
       path,
       args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
     )
+
+
+def restore_partial_latest(
+  directory: str, target: Any, item: str = "state"
+) -> tuple[int, Any] | None:
+  """`restore_partial` of the newest step that restores; (step, tree), or None without steps.
+
+  Read-only (for evaluation): a step that fails is named in a warning and left where it is.
+
+  Raises:
+    NoRestorableCheckpointError: steps exist but none restores.
+  """
+  directory = os.path.abspath(directory)
+  steps = (
+    sorted((int(name) for name in os.listdir(directory) if name.isdigit()), reverse=True)
+    if os.path.isdir(directory)
+    else []
+  )
+  failures = []
+  for step in steps:
+    try:
+      return step, restore_partial(directory, step, target, item)
+    except Exception as error:  # Orbax and tensorstore raise many kinds for a broken step.
+      reason = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+      logging.warning("checkpoint step %d in %s does not restore (%s)", step, directory, reason)
+      failures.append(f"step {step}: {reason}")
+  if not failures:
+    return None
+  raise NoRestorableCheckpointError(
+    f"no checkpoint in {directory} restores ({'; '.join(failures)})"
+  )
 
 
 class _DropOrbaxInfo(std_logging.Filter):
