@@ -562,3 +562,77 @@ def test_report_table1_and_plot(tmp_path):
   assert report.ordered_settings(["fog", "x", "clean", "bright"]) == ["clean", "bright", "fog", "x"]
   with Image.open(tmp_path / "settings.png") as image:
     assert image.size == (1200, 700)
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the real client and a loopback OpenAI-compatible server
+
+
+class FakeOpenAIServer:
+  """`POST /v1/chat/completions` on 127.0.0.1, replying as `FakeJudge` does (a 503 for the
+  flaky item's first request), so the HTTP path gives the in-process scores."""
+
+  def __init__(self):
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    self.judge = FakeJudge()
+    self.requests = 0
+    outer = self
+
+    class Handler(BaseHTTPRequestHandler):
+      def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        outer.requests += 1
+        system = body["messages"][0]["content"]
+        user = body["messages"][1]["content"][0]["text"]
+        try:
+          reply = outer.judge.chat(system, [user], temperature=body["temperature"])
+          status, payload = 200, {"choices": [{"message": {"role": "assistant", "content": reply}}]}
+        except JudgeError:
+          status, payload = 503, {"error": "busy"}
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+      def log_message(self, *args):
+        pass
+
+    self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    import threading
+
+    threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+    self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+  def close(self):
+    self.httpd.shutdown()
+    self.httpd.server_close()
+
+
+def test_scores_through_the_judge_client_and_a_loopback_server(tmp_path):
+  from drivekd_jax.eval.judge_client import OpenAIChatJudge
+
+  server = FakeOpenAIServer()
+  try:
+    answers = drivebench.validate_answers(fixture_answers(), "fixture")
+
+    def client(**kwargs):
+      return OpenAIChatJudge(
+        server.url, "fake", max_retries=1, sleep=lambda s: None, cache_dir=tmp_path, **kwargs
+      )
+
+    scores = drivebench.score_answers(answers, judge=client(), descriptions=descriptions())
+    assert (scores["perception"], scores["planning"]) == (PERCEPTION, PLANNING)
+    assert scores["reasoning"] == pytest.approx(REASONING)
+    assert (scores["judge"]["scored"], scores["judge"]["failed"]) == (13, 1)
+    assert scores["judge"]["name"] == "openai:fake"
+    asked = server.requests
+    # Replayed from the client's cache: the same scores without a single request.
+    replayed = drivebench.score_answers(
+      answers, judge=client(replay_only=True), descriptions=descriptions()
+    )
+    assert replayed == scores and server.requests == asked
+  finally:
+    server.close()
