@@ -251,8 +251,7 @@ def test_pipeline_order_rows_resume_and_grid_override(synthetic_release, tmp_pat
       assert by_key[(s.domain, s.sample_id, t.turn)]["score"] == pytest.approx(80.0)
   for s, t in text_turns:
     record = by_key[(s.domain, s.sample_id, t.turn)]
-    expected = mcq.score(record["answer"], record["response"]) * 100
-    assert record["score"] == expected
+    assert record["score"] == 100.0  # every static answer is right; the judge's "A" is too
     if t.answer == "A+<DYNAMIC>":
       assert record["answer"] == "A"  # the judge said "A" too
   # Every record is on disk next to result.json; a rerun reuses every judge result.
@@ -282,7 +281,10 @@ def test_pipeline_records_failures_and_retries_them_on_rerun(synthetic_release, 
   non_grid_images = [t for s in bench.samples[:-1] for t in s.tasks if t.modality == "image"]
   dynamic_turns = [t for s in bench.samples[:-1] for t in s.tasks if t.is_dynamic]
   assert len(result.failures) == len(non_grid_images) + len(dynamic_turns)
-  assert all(r.modality == "text" and r.score >= 0 for r in result.rows)
+  # Only the static text turns (answered right) are scored; the dynamic ones wait on the judge.
+  static_text = [t for s in bench.samples[:-1] for t in s.tasks if t.modality == "text"]
+  static_text = [t for t in static_text if not t.is_dynamic]
+  assert [(r.modality, r.score) for r in result.rows] == [("text", 100.0)] * len(static_text)
   assert result.counts["missing_dynamic"] == len(dynamic_turns)
   for failure in result.failures:
     assert failure["status"] == "failed" and "score" not in failure
