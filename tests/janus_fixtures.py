@@ -90,3 +90,49 @@ def saved_janus(case: str, directory: str) -> str:
   model = hf_janus(case)
   model.save_pretrained(directory)
   return directory
+
+
+def tiny_rollout_janus(tokenizer, seed: int = 0):
+  """A tiny random Flax Janus whose vocabulary fits `tokenizer` (16 px images, 16 tokens each)."""
+  from flax import nnx
+
+  from drivekd_jax.models.config import DecoderConfig, VisionConfig
+  from imug_jax.models.janus import Janus, JanusConfig, JanusVisionConfig, JanusVQConfig
+
+  config = JanusConfig(
+    vision=JanusVisionConfig(
+      encoder=VisionConfig(
+        image_size=16,
+        patch_size=4,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=64,
+      ),
+      projection_dim=48,
+      num_image_tokens=16,
+    ),
+    vq=JanusVQConfig(
+      embed_dim=8,
+      num_embeddings=64,
+      latent_channels=32,
+      base_channels=32,
+      channel_multiplier=(1, 2, 2),
+      num_res_blocks=1,
+      num_patches=4,
+      projection_dim=48,
+      image_token_embed_dim=48,
+    ),
+    text=DecoderConfig(
+      vocab_size=tokenizer.vocab_size,
+      hidden_size=48,
+      num_layers=2,
+      num_heads=4,
+      num_kv_heads=2,
+      intermediate_size=96,
+      qkv_bias=False,
+      rope_theta=1e4,
+    ),
+    image_token_id=tokenizer.image_id,
+  )
+  return Janus(config, rngs=nnx.Rngs(seed))
