@@ -6,9 +6,9 @@
 * **first-token latency**: wall time from the prompt's ids (and images) to the first sampled
   token on the host: image encoding and embedding (`internvl.embed_inputs_jit`), prefill into a
   fresh KV cache, one sample; the median of `repeats` timed calls after a compiling call.
-* **decode tokens/s**: the same call producing `new_tokens` tokens per row (no stop token, so
-  exactly that many) minus the first-token call, over the `new_tokens - 1` decode steps, times
-  the batch: `batch * (new_tokens - 1) / (t_all - t_first)` (medians).
+* **decode tokens/s**: from a prefilled cache (untimed), the sampler's next turn feeds the
+  pending token and samples `new_tokens` tokens per row (no stop token, so exactly that many),
+  one decoder step each: `batch * new_tokens / t_decode` (median).
 * **memory**: the sum over the model's devices of their `peak_bytes_in_use` when the backend
   reports it (GPU, TPU; a process-wide peak since start, so measure in a fresh process to
   attribute it to one model); where it does not (CPU), the bytes of all live arrays right after
@@ -24,6 +24,7 @@ import dataclasses
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -54,12 +55,20 @@ class Efficiency:
     return dataclasses.asdict(self)
 
 
-def _median_time(fn: Callable[[], jax.Array], repeats: int, clock: Callable[[], float]) -> float:
-  jax.block_until_ready(fn())  # compile (or reuse) first
+def _median_time(
+  fn: Callable[[Any], jax.Array],
+  repeats: int,
+  clock: Callable[[], float],
+  setup: Callable[[], Any] = lambda: None,
+) -> float:
+  """Median wall time of `fn(setup())` over `repeats` calls (setup untimed), after one untimed
+  call that compiles."""
+  jax.block_until_ready(fn(setup()))
   times = []
   for _ in range(repeats):
+    argument = jax.block_until_ready(setup())
     start = clock()
-    jax.block_until_ready(fn())
+    jax.block_until_ready(fn(argument))
     times.append(clock() - start)
   return statistics.median(times)
 
@@ -106,7 +115,7 @@ def measure_generation(
     model: an `InternVL` (images through `pixel_values`) or a bare `Decoder`.
     input_ids: int `[B, L]` prompt, image-context ids expanded (InternVL).
     pixel_values: the prompt's images in either `InternVL.embed_inputs` layout, or None.
-    new_tokens: tokens generated per row in the decode measurement (>= 2).
+    new_tokens: tokens generated per row in the decode measurement.
     repeats: timed calls per measurement (the median is kept).
     method: greedy (default) or sampling settings.
     attention_mask: bool `[B, L]` (default all real).
@@ -115,8 +124,8 @@ def measure_generation(
   Returns:
     An `Efficiency`.
   """
-  if new_tokens < 2:
-    raise ValueError(f"new_tokens must be >= 2 to time decoding, got {new_tokens}")
+  if new_tokens < 1:
+    raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
   input_ids = jnp.asarray(input_ids)
   batch, length = input_ids.shape
   if isinstance(model, InternVL):
@@ -135,33 +144,36 @@ def measure_generation(
   else:
     raise TypeError(f"expected an InternVL or a Decoder, got {type(model).__name__}")
 
-  def sampler(count: int) -> Sampler:
-    return Sampler(
-      decoder, cache_length=length + 1 + new_tokens, max_new_tokens=count, method=method
-    )
-
-  first, full = sampler(1), sampler(new_tokens)
+  cache_length = length + 2 + new_tokens
+  first = Sampler(decoder, cache_length=cache_length, max_new_tokens=1, method=method)
+  decode = Sampler(decoder, cache_length=cache_length, max_new_tokens=new_tokens, method=method)
   mask = None if attention_mask is None else jnp.asarray(attention_mask, bool)
+  rng = jax.random.key(0)
 
-  def run(s: Sampler) -> Callable[[], jax.Array]:
-    return lambda: s.generate(**prompt(), attention_mask=mask, rng=jax.random.key(0)).tokens
+  def prefill():
+    return first.generate(**prompt(), attention_mask=mask, rng=rng)
 
-  t_first = _median_time(run(first), repeats, clock)
-  t_full = _median_time(run(full), repeats, clock)
-  state = full.generate(**prompt(), attention_mask=mask, rng=jax.random.key(0))
+  # Decoding alone: from a prefilled cache, feed the pending first token (and one dead slot),
+  # then sample `new_tokens` tokens, one forward step each.
+  dead_ids = jnp.zeros((batch, 1), jnp.int32)
+  dead_mask = jnp.zeros((batch, 1), bool)
+
+  def decode_from(state):
+    return decode.continue_(state, dead_ids, attention_mask=dead_mask).tokens
+
+  t_first = _median_time(lambda _: prefill().tokens, repeats, clock)
+  t_decode = _median_time(decode_from, repeats, clock, setup=prefill)
+  state = decode.continue_(prefill(), dead_ids, attention_mask=dead_mask)
   jax.block_until_ready(state.tokens)
   if int(jnp.min(state.num_tokens)) != new_tokens:
     raise AssertionError("a row stopped early: decode timing needs no stop tokens")
   devices = _model_devices(model)
   memory, source = device_memory_bytes(devices)
-  decode_time = t_full - t_first
-  if decode_time <= 0:  # timer noise on tiny models: count the whole call instead
-    decode_time = t_full
   kinds = sorted({f"{d.platform}:{d.device_kind}" for d in devices})
   return Efficiency(
     memory_gb=memory / GIB,
     memory_source=source,
-    tokens_per_s=batch * (new_tokens - 1) / decode_time,
+    tokens_per_s=batch * new_tokens / t_decode,
     first_token_latency_s=t_first,
     batch_size=batch,
     prompt_tokens=length,
