@@ -1,7 +1,8 @@
 """Qwen2.5-VL parity with transformers `Qwen2_5_VLForConditionalGeneration` (eager attention).
 
-Tiny random models are written by `save_pretrained` (and rewritten into the hub's older key
-layout) and loaded through `from_pretrained`. Three images of different grids, one spanning two
+Tiny random models are written by `save_pretrained` (and rewritten with the older config.json and
+the in-memory tensor names) and loaded through `from_pretrained`; our `save_pretrained` writes
+them back. Three images of different grids, one spanning two
 attention windows, and window and full-attention blocks. Tolerances (fp32): logits <= 1e-4, every
 decoder layer's head-averaged attention map <= 1e-5, greedy tokens equal.
 """
@@ -22,7 +23,7 @@ import transformers
 from flax import nnx
 
 from drivekd_jax.data import qwen25_vl_processor as processor
-from drivekd_jax.models import from_pretrained, presets
+from drivekd_jax.models import from_pretrained, presets, save_pretrained
 from drivekd_jax.models.config import MapRequest
 from drivekd_jax.models.hf_import import CheckpointError
 from drivekd_jax.models.qwen25_vl import (
@@ -99,14 +100,15 @@ def hf_qwen25_vl(case: str, seed: int = 0) -> transformers.Qwen2_5_VLForConditio
   return model.eval()
 
 
-def write_hub_layout(model, directory) -> None:
-  """The hub's files (`visual.*`, `model.*`, flat text fields, rope_scaling of type mrope)."""
+def write_legacy_layout(model, directory) -> None:
+  """The hub's older `config.json` (text fields at the top, `rope_scaling` of type "mrope",
+  `in_chans`) with the in-memory tensor names (`model.visual.*`, `model.language_model.*`): the
+  naming and config variants that `save_pretrained` (hub names, `text_config`) does not cover."""
   directory.mkdir(parents=True, exist_ok=True)
   tensors = {}
   for name, value in model.state_dict().items():
     if name == "lm_head.weight" and model.config.tie_word_embeddings:
       continue
-    name = name.replace("model.visual.", "visual.").replace("model.language_model.", "model.")
     tensors[name] = value.detach().numpy().copy()
   safetensors.numpy.save_file(tensors, str(directory / "model.safetensors"))
   text = model.config.text_config.to_dict()
@@ -162,12 +164,12 @@ def hf_inputs(ids=IDS, pixels=PIXELS, grids=GRIDS, mask=None):
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def case(request, tmp_path_factory):
-  """(case name, transformers model, save_pretrained directory, hub-layout directory)."""
+  """(case name, transformers model, save_pretrained directory, legacy-layout directory)."""
   model = hf_qwen25_vl(request.param)
   root = tmp_path_factory.mktemp(request.param)
   model.save_pretrained(root / "hf")
-  write_hub_layout(model, root / "hub")
-  return request.param, model, root / "hf", root / "hub"
+  write_legacy_layout(model, root / "legacy")
+  return request.param, model, root / "hf", root / "legacy"
 
 
 @pytest.fixture(scope="module")
@@ -189,10 +191,10 @@ def forward(model: Qwen25VL, ids, pixels, grids, maps: MapRequest = NO_MAPS):
   return _forward_jit(graphdef, state, jnp.asarray(ids), jnp.asarray(pixels), grids, maps)
 
 
-@pytest.mark.parametrize("layout", ["hf", "hub"])
+@pytest.mark.parametrize("layout", ["hf", "legacy"])
 def test_logits_and_attention_maps_match_transformers(case, layout):
-  name, reference, hf_dir, hub_dir = case
-  ours = from_pretrained(hf_dir if layout == "hf" else hub_dir)
+  name, reference, hf_dir, legacy_dir = case
+  ours = from_pretrained(hf_dir if layout == "hf" else legacy_dir)
   assert isinstance(ours, Qwen25VL)
   assert (ours.language_model.lm_head is None) == CASES[name]["tied"]
   assert ours.config.vision.fullatt_block_indexes == tuple(
@@ -209,6 +211,25 @@ def test_logits_and_attention_maps_match_transformers(case, layout):
     map_err = np.abs(np.asarray(out.full_maps[layer]) - want.attentions[layer].mean(1).numpy())
     assert map_err.max() <= 1e-5, (layer, map_err.max())
   assert np.asarray(out.full_maps[0]).max() > 0.3  # the maps are not near-uniform
+
+
+def test_export_loads_in_transformers_with_equal_logits(case, tmp_path):
+  """`save_pretrained` writes transformers' own tensor names and a config it builds the same
+  model from; the weights round-trip bit for bit, so the logits are the reference's."""
+  name, reference, hf_dir, _ = case
+  save_pretrained(from_pretrained(hf_dir), tmp_path)
+  theirs = safetensors.numpy.load_file(str(hf_dir / "model.safetensors"))
+  exported = safetensors.numpy.load_file(str(tmp_path / "model.safetensors"))
+  assert sorted(exported) == sorted(theirs)
+  for key, value in theirs.items():
+    np.testing.assert_array_equal(exported[key], value, err_msg=key)
+  loaded = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
+    tmp_path, attn_implementation="eager"
+  ).eval()
+  assert loaded.config.tie_word_embeddings == CASES[name]["tied"]
+  with torch.no_grad():
+    got, want = loaded(**hf_inputs()).logits.numpy(), reference(**hf_inputs()).logits.numpy()
+  np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
 
 
 def test_vision_tower_matches_transformers(case):

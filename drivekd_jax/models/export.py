@@ -5,6 +5,8 @@
 * an `InternVL` as transformers' `InternVLForConditionalGeneration` (`model_type` "internvl",
   tensors `model.vision_tower.*`, `model.multi_modal_projector.*`, `model.language_model.*` and
   `lm_head.weight` unless the head is tied), the layout transformers itself saves;
+* a `Qwen25VL` as `Qwen2_5_VLForConditionalGeneration` (`visual.*`, `model.*`, `lm_head.weight`
+  unless tied), the layout transformers saves;
 * a bare `Decoder` as `Qwen2ForCausalLM` (qkv bias) or `LlamaForCausalLM` (`model.*`,
   `lm_head.weight`).
 
@@ -21,6 +23,7 @@ running the spec's own `combine` on the result, which must give the parameter ba
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -36,6 +39,7 @@ from drivekd_jax.models import hf_import
 from drivekd_jax.models.config import DecoderConfig, InternVLConfig, VisionConfig
 from drivekd_jax.models.internvl import InternVL
 from drivekd_jax.models.qwen2 import Decoder
+from drivekd_jax.models.qwen25_vl import Qwen25VL, Qwen25VLConfig
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
@@ -76,6 +80,7 @@ _INVERSES: dict[Callable, Callable[[np.ndarray, Sequence[tuple[int, ...]]], list
   hf_import._conv_t: lambda p, shapes: [np.ascontiguousarray(p.transpose(3, 2, 0, 1))],
   hf_import._fused_linear_t: _split_fused_linear,
   hf_import._fused_bias: _split_fused_bias,
+  hf_import._conv3d_t: lambda p, shapes: [np.ascontiguousarray(p.T.reshape(shapes[0]))],
 }
 
 
@@ -187,18 +192,73 @@ def _internvl_specs(config: InternVLConfig) -> dict[tuple, hf_import._Spec]:
   return specs
 
 
+def qwen25_vl_config_dict(config: Qwen25VLConfig, dtype: str) -> dict:
+  """transformers' `Qwen2_5_VLConfig` (`Qwen2_5_VLForConditionalGeneration`) for our config."""
+  text = text_config_dict(dataclasses.replace(config.text, mrope_section=None))
+  del text["architectures"]
+  text.pop("head_dim", None)  # the Qwen2.5-VL decoder derives it from the width
+  text["model_type"] = "qwen2_5_vl_text"
+  text["rope_parameters"] = {
+    "rope_type": "default",
+    "rope_theta": config.text.rope_theta,
+    "mrope_section": list(config.text.mrope_section),
+  }
+  vision = config.vision
+  return {
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+    "model_type": "qwen2_5_vl",
+    "text_config": text,
+    "vision_config": {
+      "model_type": "qwen2_5_vl_vision",
+      "depth": vision.depth,
+      "hidden_size": vision.hidden_size,
+      "hidden_act": "silu",
+      "intermediate_size": vision.intermediate_size,
+      "num_heads": vision.num_heads,
+      "in_channels": vision.in_channels,
+      "patch_size": vision.patch_size,
+      "spatial_merge_size": vision.spatial_merge_size,
+      "temporal_patch_size": vision.temporal_patch_size,
+      "window_size": vision.window_size,
+      "out_hidden_size": vision.out_hidden_size,
+      "fullatt_block_indexes": list(vision.fullatt_block_indexes),
+      "rope_parameters": {"rope_type": "axial", "rope_theta": vision.rope_theta},
+    },
+    "image_token_id": config.image_token_id,
+    "tie_word_embeddings": config.text.tie_word_embeddings,
+    "dtype": dtype,
+  }
+
+
+def _qwen25_vl_specs(config: Qwen25VLConfig) -> dict[tuple, hf_import._Spec]:
+  head = None if config.text.tie_word_embeddings else _HF_HEAD
+  # transformers 5 saves Qwen2.5-VL under the hub's names (`visual.*`, `model.*`), not its
+  # in-memory ones; so does this, which older transformers releases read as well.
+  specs = hf_import._nest(("visual",), hf_import._qwen25_vision_specs(config.vision, "visual."))
+  specs.update(
+    hf_import._nest(("language_model",), hf_import._decoder_specs(config.text, "model.", head))
+  )
+  return specs
+
+
 def _decoder_specs(config: DecoderConfig) -> dict[tuple, hf_import._Spec]:
   head = None if config.tie_word_embeddings else _HF_HEAD
   return hf_import._decoder_specs(config, "model.", head)
 
 
-def _model_layout(model: InternVL | Decoder) -> tuple[dict, dict[tuple, hf_import._Spec], str]:
-  if not isinstance(model, (InternVL, Decoder)):
-    raise TypeError(f"save_pretrained takes an InternVL or a Decoder, got {type(model).__name__}")
+def _model_layout(
+  model: InternVL | Qwen25VL | Decoder,
+) -> tuple[dict, dict[tuple, hf_import._Spec], str]:
+  if not isinstance(model, (InternVL, Qwen25VL, Decoder)):
+    raise TypeError(
+      f"save_pretrained takes an InternVL, a Qwen25VL or a Decoder, got {type(model).__name__}"
+    )
   leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
   dtype = jnp.dtype(leaves[0].dtype).name if leaves else "float32"
   if isinstance(model, InternVL):
     return internvl_config_dict(model.config, dtype), _internvl_specs(model.config), dtype
+  if isinstance(model, Qwen25VL):
+    return qwen25_vl_config_dict(model.config, dtype), _qwen25_vl_specs(model.config), dtype
   config = dict(text_config_dict(model.config), dtype=dtype)
   return config, _decoder_specs(model.config), dtype
 
@@ -246,7 +306,7 @@ def _write_shards(tensors: dict[str, np.ndarray], directory: str, max_shard_byte
 
 
 def save_pretrained(
-  model: InternVL | Decoder,
+  model: InternVL | Qwen25VL | Decoder,
   path: str | os.PathLike,
   *,
   tokenizer_dir: str | os.PathLike | None = None,
@@ -256,8 +316,8 @@ def save_pretrained(
   """Writes `model` as a HuggingFace checkpoint directory (see the module docstring).
 
   Args:
-    model: an `InternVL` or a bare `Decoder` (parameters may be sharded; each is gathered to the
-      host on its own).
+    model: an `InternVL`, a `Qwen25VL` or a bare `Decoder` (parameters may be sharded; each is
+      gathered to the host on its own).
     path: the directory to write (created; files of the same names are replaced).
     tokenizer_dir: the source checkpoint whose `TOKENIZER_FILES` are copied along.
     dtype: storage dtype of the tensors (default: the parameters' dtype).

@@ -892,13 +892,16 @@ def qwen25_vl_config_from_hf(cfg: dict, where: str, *, dtype, param_dtype, tied:
     raise CheckpointError(f"{where}: {e}") from e
 
 
+def _conv3d_t(x):
+  """Conv3d weight `[D, C, T, p, p]` -> linear kernel `[C*T*p*p, D]`."""
+  return x.reshape(x.shape[0], -1).T
+
+
 def _qwen25_vision_specs(cfg: Qwen25VisionConfig, prefix: str) -> dict[tuple, _Spec]:
   d, inner, merged = cfg.hidden_size, cfg.intermediate_size, cfg.hidden_size * cfg.merge_unit
   conv = (d, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
   specs = {
-    ("patch_embed",): _Spec(
-      (f"{prefix}patch_embed.proj.weight",), (conv,), lambda x: x.reshape(d, -1).T
-    ),
+    ("patch_embed",): _Spec((f"{prefix}patch_embed.proj.weight",), (conv,), _conv3d_t),
     ("merger", "ln_q", "scale"): _Spec((f"{prefix}merger.ln_q.weight",), ((d,),), _copy((d,))),
   }
   linears = {("merger", "fc1"): ("merger.mlp.0", merged, merged)}
