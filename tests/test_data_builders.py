@@ -120,7 +120,7 @@ def test_resolve_under_root_escape_and_missing(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # DriveBench: a fixture in the release schema, every field checked.
 
-VD_PATH = data_file("drivebench", "visual_description.json")
+VD_PATH = data_file("drivebench-toolkit", "visual_description.json")
 _VD = json.loads(VD_PATH.read_text())
 VD_SCENE = next(iter(_VD))
 VD_FRAME = next(iter(_VD[VD_SCENE]["key_frames"]))

@@ -636,3 +636,29 @@ def test_scores_through_the_judge_client_and_a_loopback_server(tmp_path):
     assert replayed == scores and server.requests == asked
   finally:
     server.close()
+
+
+def test_overlap_judge_behind_the_loopback_server(tmp_path):
+  from drivekd_jax.eval import local_judge
+  from drivekd_jax.eval.judge_client import OpenAIChatJudge
+
+  assert local_judge.overlap_score("the car stops", "The car goes.") == 67
+  assert local_judge.overlap_score("B", "B. Turn left.") == 100
+  assert local_judge.overlap_score("B", "a car, so A") == 0
+  records = [dict(r, pred=r["answer"]) for r in fixture_answers()]  # perfect predictions
+  records[0]["pred"] = ""  # one empty VQA answer: 0
+  answers = drivebench.validate_answers(records, "fixture")
+  with local_judge.LoopbackJudgeServer(local_judge.OverlapJudge()) as server:
+    client = OpenAIChatJudge(server.url, "overlap", max_retries=0, cache_dir=tmp_path)
+    scores = drivebench.score_answers(answers, judge=client, descriptions=descriptions())
+    assert server.requests == 14
+    with pytest.raises(JudgeError, match="422"):
+      client.chat("", ["not a rubric message"], temperature=0.0)
+  assert scores["planning"] == 100.0 and scores["reasoning"] == 100.0
+  assert scores["perception"] == 75.0  # (0 + 100 + 100 + 100) / 4
+  assert scores["accuracy"] == {"official": 100.0, "strict": 100.0, "items": 4}
+  test = json.loads(json.dumps(DRIVELM_TEST))
+  perfect = [{"id": qa.id, "answer": qa.answer} for qa in drivelm.challenge_qas(test)]
+  out = drivelm.evaluate(test, perfect, judge=local_judge.OverlapJudge())
+  assert out["chatgpt"] == 100.0 and out["match"] == pytest.approx(100.0)
+  assert out["accuracy"] == 1.0 and out["counts"]["skipped_by_graph"] == 0
