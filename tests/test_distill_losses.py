@@ -157,8 +157,16 @@ def test_grouped_full_map_loss_matches_numpy(n_student, n_teacher):
   np.testing.assert_allclose(
     losses.grouped_full_map_loss(s_pad, t_pad, windows, token_mask=mask)[0], got[0], rtol=1e-5
   )
+  # Cosine ablation: per layer 1 - cos(S, mean T) over the flattened L x L map, averaged.
   cos = losses.grouped_full_map_loss(s_maps, t_maps, windows, metric="cosine")
-  assert cos.shape == (b,) and np.all(np.asarray(cos) > 0)
+  per_layer = []
+  for i, s_layer in enumerate(s_idx):
+    lo = min(i, m - g)
+    target = np.mean([t_maps[t] for t in t_idx[lo : lo + g]], axis=0).reshape(b, -1)
+    student = s_maps[s_layer].reshape(b, -1)
+    dot = np.sum(student * target, -1)
+    per_layer.append(1 - dot / np.linalg.norm(student, axis=-1) / np.linalg.norm(target, axis=-1))
+  np.testing.assert_allclose(cos, np.mean(per_layer, axis=0), rtol=1e-5)
 
 
 def test_negative_and_bad_layer_ranges():

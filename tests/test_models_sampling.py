@@ -160,6 +160,35 @@ def test_temperature_and_top_p():
     SamplingMethod(top_p=0.0)
 
 
+# Upper 0.1% points of the chi-square distribution (degrees of freedom -> value).
+CHI_SQUARE_999 = {2: 13.816, 3: 16.266}
+
+
+@pytest.mark.parametrize(
+  "temperature,top_p,expected",
+  [
+    # p_T ∝ p^(1/T): T = 0.5 squares the probabilities, T = 2 takes their square root.
+    (0.5, 1.0, np.array([0.25, 0.09, 0.0225, 0.0025]) / 0.365),
+    (2.0, 1.0, np.sqrt([0.5, 0.3, 0.15, 0.05]) / np.sqrt([0.5, 0.3, 0.15, 0.05]).sum()),
+    # The nucleus is taken after the temperature: at T = 2 the tempered mass before the third
+    # token is 0.67 < 0.7, so three tokens stay (at T = 1 only two would).
+    (2.0, 0.7, np.append(np.sqrt([0.5, 0.3, 0.15]) / np.sqrt([0.5, 0.3, 0.15]).sum(), 0.0)),
+  ],
+)
+def test_sampled_frequencies_follow_the_tempered_distribution(temperature, top_p, expected):
+  """A chi-square goodness-of-fit test on 20000 draws with a fixed key (p > 0.001)."""
+  draws = 20000
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * draws))
+  method = SamplingMethod(temperature=temperature, top_p=top_p)
+  tokens = np.asarray(method.next_tokens(logits, jax.random.key(7)))
+  counts = np.bincount(tokens, minlength=4)
+  support = expected > 0
+  assert np.all(counts[~support] == 0)
+  want = draws * expected[support]
+  statistic = float(np.sum((counts[support] - want) ** 2 / want))
+  assert statistic < CHI_SQUARE_999[int(support.sum()) - 1], (counts, want)
+
+
 def test_sampling_is_reproducible_per_key(small_model):
   sampler = Sampler(
     small_model, cache_length=24, max_new_tokens=8, method=SamplingMethod(temperature=1.5)
