@@ -198,12 +198,13 @@ def test_wrapper_raises_image_score(setting, make, min_gain):
 
 
 def test_best_of_n_uses_one_batched_call_per_turn():
-  model = BatchedModel(batch=4)
+  model = BatchedModel(batch=4, p_judge=1.0)  # the self-rating is always right: 5 iff red
   wrapper = wrappers.BestOfN(model, n=4)
   history = [{"role": "user", "content": [{"type": "text", "text": "Paint the canvas red."}]}]
-  response = wrapper.respond(history, "image_only", 0.7, jax.random.key(3))
-  assert wrapper.batched_calls == 1 and len(wrapper.last_scores) == 4
-  assert colour_of(response.image) == "red" or max(wrapper.last_scores) < 5
+  response = wrapper.respond(history, "image_only", 0.7, jax.random.key(10))
+  assert wrapper.batched_calls == 1
+  assert wrapper.last_scores == [1, 1, 1, 5]  # this key draws red last only
+  assert colour_of(response.image) == "red"
   text = wrapper.respond(history, "text_only", 0.7, jax.random.key(3))
   assert text.text == "A"
 
