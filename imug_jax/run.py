@@ -5,6 +5,8 @@ Config (see configs/imug/demo.py):
   data.release_dir     the release folder (benchmark.jsonl, images/, ...) for "release"
   data.num_samples, data.seed, data.max_samples (0: all)
   model.kind           "tiny" (in-process JAX model) or "http" (official /infer servers)
+  model.checkpoint     a transformers Janus / Janus-Pro directory: the in-process Janus instead
+                       (imug_jax.models.janus; model.janus: JanusRolloutConfig fields)
   model.name           output folder name; model.urls / timeout / retries for "http";
                        model.tiny (TinyConfig fields), model.seed, model.text_vocab_size for "tiny";
                        model.train (TrainConfig fields; steps 0: untrained) first fits the tiny
@@ -81,6 +83,15 @@ def build_model(
   """The configured model: a tiny in-process JAX model or an `/infer` HTTP client."""
   cfg = config.model
   paths.check_path_component(cfg.name, "model.name")
+  if cfg.get("checkpoint"):  # A Janus checkpoint directory: the in-process Janus-Pro.
+    from imug_jax.models.janus.unified import JanusRolloutConfig, JanusUnifiedModel
+
+    fields = {f.name for f in dataclasses.fields(JanusRolloutConfig)}
+    options = (cfg.get("janus") or {}).items()
+    janus = {k: (tuple(v) if isinstance(v, list) else v) for k, v in options if k in fields}
+    return JanusUnifiedModel.from_pretrained(
+      cfg.checkpoint, JanusRolloutConfig(**janus), name=cfg.name
+    )
   if cfg.kind == "http":
     from imug_jax.models.http import HttpModel
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import transformers
 
@@ -28,7 +26,9 @@ CASES = {
 }
 
 
-def hf_config(case: str) -> transformers.JanusConfig:
+def hf_config(
+  case: str, vocab_size: int = 128, image_token_id: int = IMAGE_TOKEN_ID
+) -> transformers.JanusConfig:
   spec = CASES[case]
   width = 48
   return transformers.JanusConfig(
@@ -54,7 +54,7 @@ def hf_config(case: str) -> transformers.JanusConfig:
     ),
     text_config=dict(
       model_type="llama",
-      vocab_size=128,
+      vocab_size=vocab_size,
       hidden_size=width,
       num_hidden_layers=2,
       intermediate_size=96,
@@ -63,15 +63,15 @@ def hf_config(case: str) -> transformers.JanusConfig:
       tie_word_embeddings=spec["tied"],
       **spec["text"],
     ),
-    image_token_id=IMAGE_TOKEN_ID,
+    image_token_id=image_token_id,
     tie_word_embeddings=spec["tied"],
   )
 
 
-def hf_janus(case: str, seed: int = 0) -> transformers.JanusForConditionalGeneration:
+def hf_janus(case: str, seed: int = 0, **config) -> transformers.JanusForConditionalGeneration:
   """A tiny random Janus with every weight randomised (norm scales around 1)."""
   torch.manual_seed(seed)
-  model = transformers.JanusForConditionalGeneration(hf_config(case))
+  model = transformers.JanusForConditionalGeneration(hf_config(case, **config))
   tied = CASES[case]["tied"]
   with torch.no_grad():
     for name, p in model.named_parameters():
@@ -83,13 +83,6 @@ def hf_janus(case: str, seed: int = 0) -> transformers.JanusForConditionalGenera
   model.generation_config.eos_token_id = None
   model.generation_config.pad_token_id = PAD_ID
   return model.eval()
-
-
-@functools.cache
-def saved_janus(case: str, directory: str) -> str:
-  model = hf_janus(case)
-  model.save_pretrained(directory)
-  return directory
 
 
 def tiny_rollout_janus(tokenizer, seed: int = 0):

@@ -5,14 +5,17 @@ benchmark (no retrace, the carried cache equals re-encoding), CFG image turns eq
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import threading
 import urllib.request
+from pathlib import Path
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
-from janus_fixtures import tiny_rollout_janus
+from janus_fixtures import hf_janus, tiny_rollout_janus
 
 from imug_jax import run as run_lib
 from imug_jax import serve
@@ -24,6 +27,7 @@ from imug_jax.models.janus.generate import generate_image_tokens
 from imug_jax.rollout import runner
 from imug_jax.tts import wrappers
 
+ROOT = Path(__file__).resolve().parents[1]
 ROLLOUT = unified.JanusRolloutConfig(cache_length=4096, chunk_buckets=(64, 1024), max_text_tokens=8)
 CACHE_TOL = 1e-5  # fp32 keys of the carried cache vs a fresh encoding of the same history.
 
@@ -155,3 +159,32 @@ def test_infer_server_answers_the_official_request(janus_and_tokenizer):
   finally:
     server.shutdown()
     server.server_close()
+
+
+@pytest.mark.slow
+def test_janus_checkpoint_runs_the_whole_pipeline(tmp_path):
+  """eval/demo config with --config.model.name=janus --config.model.checkpoint=DIR: a tiny random
+  transformers Janus rolls out the synthetic benchmark, which is scored and reported."""
+  spec = importlib.util.spec_from_file_location("demo", ROOT / "configs" / "imug" / "demo.py")
+  demo = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(demo)
+  config = demo.get_config()
+  config.data.num_samples = 2
+  config.rollout.progress = False
+  config.rollout.reference_control = False
+  config.model.name = "janus"
+  config.model.checkpoint = str(tmp_path / "janus_ckpt")
+  config.model.janus = ml_collections.ConfigDict(
+    dict(cache_length=4096, chunk_buckets=(64, 1024), max_text_tokens=8)
+  )
+  bench = run_lib.load_benchmark(config, str(tmp_path))
+  tokenizer = unified.train_tokenizer(run_lib.text_corpus(bench), 320, tmp_path / "tokenizer.json")
+  hf_janus("untied_gqa", vocab_size=320, image_token_id=tokenizer.image_id).save_pretrained(
+    config.model.checkpoint
+  )
+  tokenizer.backend.save(str(tmp_path / "janus_ckpt" / "tokenizer.json"))
+  summary = run_lib.run(config, str(tmp_path))
+  assert summary["runs"]["janus"]["done"] == 2 and summary["runs"]["janus"]["failed"] == 0
+  assert summary["runs"]["janus"]["error_turns"] == 0
+  assert "janus" in summary["report"]["models"]
+  assert (tmp_path / "report" / "summary.json").is_file()

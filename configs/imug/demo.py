@@ -26,6 +26,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.urls = ["http://127.0.0.1:8000"]  # For kind "http".
   config.model.timeout = 600.0
   config.model.retries = 3
+  # An in-process Janus-Pro instead: --config.model.name=janus --config.model.checkpoint=DIR
+  # (a transformers JanusForConditionalGeneration folder with tokenizer.json).
+  config.model.checkpoint = ""
+  config.model.janus = ml_collections.ConfigDict(
+    dict(cache_length=8192, chunk_buckets=(256, 1024, 4096), max_text_tokens=256, guidance=5.0)
+  )
   config.model.tiny = ml_collections.ConfigDict(
     dict(
       hidden_size=64,
