@@ -172,6 +172,13 @@ def test_concurrency_is_bounded_and_retry_after_is_honoured(serve):
   judge, _ = _judge(server.url + "/v1", concurrency=2)
   replies = judge.chat_many([("s", [f"item {i}"]) for i in range(6)])
   assert replies == ["ok"] * 6 and server.peak <= 2
+  server.peak = 0  # Threads of the caller's own share the same bound.
+  threads = [threading.Thread(target=judge.chat, args=("s", [f"x {i}"])) for i in range(6)]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
+  assert server.peak == 2
   busy = iter([(429, {"Retry-After": "7"}, b"later"), (200, {}, _completion("now"))])
   server = serve(lambda h, b: next(busy))
   judge, sleeps = _judge(server.url + "/v1", backoff_s=1.0, max_backoff_s=60.0)
@@ -183,7 +190,7 @@ def test_concurrency_is_bounded_and_retry_after_is_honoured(serve):
 
 def test_infer_client_refuses_redirects(serve):
   other = serve(lambda h, b: (200, {}, json.dumps({"response": {"text": "hijacked"}}).encode()))
-  server = serve(lambda h, b: (307, {"Location": other.url + "/infer"}, b""))
+  server = serve(lambda h, b: (302, {"Location": other.url + "/infer"}, b""))
   client = HttpModel("m", server.url, retries=3, backoff=0.0)
   with pytest.raises(ModelError, match="1 failed attempts.*redirects are not followed"):
     client.respond([protocol.message("user", [protocol.text_item("x")])], "text_only")
