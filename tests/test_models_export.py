@@ -196,5 +196,5 @@ def test_every_inverse_is_checked_against_the_import_spec():
 
 
 def test_unknown_model_is_a_type_error(tmp_path):
-  with pytest.raises(TypeError, match="InternVL or a Decoder"):
+  with pytest.raises(TypeError, match="save_pretrained takes an InternVL"):
     save_pretrained(object(), tmp_path)
