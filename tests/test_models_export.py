@@ -101,6 +101,7 @@ def _params(model) -> dict:
   return {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_transformers_loads_the_export_with_equal_logits(case, tmp_path):
   ours = random_internvl(case)
@@ -162,6 +163,7 @@ def test_sharded_bf16_export_round_trip(tmp_path):
   assert reference.config.text_config.num_key_value_heads == 2
 
 
+@pytest.mark.slow
 def test_decoder_export_loads_as_qwen2_and_llama(tmp_path):
   for qkv_bias, arch in ((True, "Qwen2ForCausalLM"), (False, "LlamaForCausalLM")):
     config = DecoderConfig(
