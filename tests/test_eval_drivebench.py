@@ -185,10 +185,18 @@ def test_judged_file_resumes_without_asking_again(tmp_path):
   second = drivebench.score_answers(answers, judge=judge, judged_path=path)
   assert judge.calls == 3  # only the failed item is asked again
   assert second == first
-  assert len(answers_lib.read_jsonl(path)) == 13
+  assert len(answers_lib.read_jsonl(path, key_field="key")) == 13
   assert first["judge"]["without_description"] == 6  # no descriptions were given
-  with pytest.raises(rec.RecordError, match="rubric 'ours'.*use another workdir"):
-    drivebench.score_answers(answers, judge=FakeJudge(), judged_path=path, rubric_name="official")
+  # Another prediction (or rubric) is another message: judged afresh, never a stale score.
+  records = fixture_answers()
+  records[0]["pred"] = records[0]["pred"].replace("yellow", "green")
+  changed = drivebench.validate_answers(records, "fixture")
+  judge = FakeJudge()
+  drivebench.score_answers(changed, judge=judge, judged_path=path)
+  assert judge.calls == 3 + 1 and judge.asked[0] == 1
+  judge = FakeJudge()
+  drivebench.score_answers(answers, judge=judge, judged_path=path, rubric_name="official")
+  assert judge.calls == 12 + 3 + 2
 
 
 def test_official_templates_from_a_toolkit_checkout(tmp_path):
@@ -554,7 +562,7 @@ def test_report_table1_and_plot(tmp_path):
   text = path.read_text()
   rows = [line for line in text.splitlines() if line.startswith("| student | clean |")]
   assert rows == [
-    "| student | clean | 50.00 | 63.33 | 35.00 | 49.44 | 0.500* | 12.5 | 0.250 |",
+    "| student | clean | 50.00 | 63.33 | 35.00 | 49.44 | 0.5* | 12.5 | 0.250 |",
     "| student | clean | 50.00 | 63.33 | 35.00 | 49.44 | 75.00 | 25.00 | 13 | 1 |",
   ]
   assert "| teacher | bright | 50.00 | 63.33 | 35.00 | 49.44 | - | - | - |" in text

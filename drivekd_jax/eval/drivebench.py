@@ -11,7 +11,8 @@ From an answers file (`answers.JsonlRecords` of release records plus `pred`) thi
   user message (empty system message) to a `ChatJudge` at temperature 0; `Total Score: N` is
   parsed; a failed call or an unparseable reply is retried (`attempts` in all) and then
   recorded as a failure, which is counted and listed, never scored. Scored judgments are
-  appended to a resumable JSONL file, so a re-run asks only for what is missing;
+  appended to a resumable JSONL file keyed by the record and a hash of (judge, rubric, message),
+  so a re-run asks only for what is missing and never reuses a judgment of another prediction;
 * **language** metrics (BLEU-1..4, ROUGE-L, CIDEr via `language.caption_metrics`) of the VQA
   items (perception/2, prediction/3, planning/1);
 * Drive-KD's **capability scores**: the mean judged score of the items of each capability
@@ -31,6 +32,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -230,11 +232,12 @@ def score_answers(
     judge: the judge; None leaves the judged scores null.
     templates: rubric name -> template (default `rubrics.OUR_TEMPLATES`).
     rubric_name: what `templates` are ("ours", or "official:<dir>"), recorded with every
-      judgment; resuming a judged file made with other rubrics is an error.
+      judgment.
     descriptions: `visual_description.json` content for the `{DESC}` of PERCEPTION_MCQ and
       PLANNING_VQA; without it (or when an item's object is missing) DESC is "None" and the
       item is counted in `judge.without_description`.
-    judged_path: resumable JSONL of the scored judgments (reused on a re-run).
+    judged_path: resumable JSONL of the scored judgments; a re-run reuses those asked with the
+      same message (same prediction, rubric and judge) and asks the others.
     attempts: judge calls per item before it is recorded as failed.
     temperature: judge sampling temperature (the toolkit's 0).
     workers: items judged concurrently (default: the judge's `concurrency`, else 1).
@@ -318,26 +321,10 @@ def score_answers(
 def _judge_all(
   routed, judge, templates, rubric_name, descriptions, judged_path, attempts, temperature, workers
 ) -> dict[str, dict[str, Any]]:
-  """Judgments by record id: the scored ones of `judged_path` plus the newly asked ones."""
-  results: dict[str, dict[str, Any]] = {}
-  log = None
-  if judged_path is not None:
-    if Path(judged_path).exists():
-      for number, old in enumerate(read_jsonl(judged_path), start=1):
-        if old.get("rubric") != rubric_name or old.get("judge") != judge.name:
-          raise rec.RecordError(
-            f"judged with {old.get('judge')!r} / rubric {old.get('rubric')!r}, this run uses "
-            f"{judge.name!r} / {rubric_name!r}; use another workdir",
-            file=judged_path,
-            index=number,
-            field="rubric",
-          )
-        results[old["record_id"]] = old
-    log = JsonlRecords(judged_path)
-  todo = []
+  """Judgments by record id: those of `judged_path` asked with the same message of the same
+  judge and rubric (key: record id + hash of the three), plus the newly asked ones."""
+  jobs = []
   for answer in routed:
-    if answer.record_id in results:
-      continue
     desc, missing = None, False
     if answer.route.needs_description:
       try:
@@ -347,10 +334,19 @@ def _judge_all(
     message = rubrics.judge_message(
       templates[answer.route.template], answer.item, answer.pred, desc
     )
-    todo.append((answer, message, missing))
+    digest = hashlib.sha256(f"{judge.name}\n{rubric_name}\n{message}".encode()).hexdigest()
+    jobs.append((answer, message, missing, f"{answer.record_id}:{digest[:16]}"))
+  done: dict[str, dict[str, Any]] = {}
+  log = None
+  if judged_path is not None:
+    if Path(judged_path).exists():
+      done = {old["key"]: old for old in read_jsonl(judged_path, key_field="key")}
+    log = JsonlRecords(judged_path, key_field="key")
+  results = {answer.record_id: done[key] for answer, _, _, key in jobs if key in done}
+  todo = [job for job in jobs if job[3] not in done]
 
-  def ask(job) -> tuple[Judgment, bool]:
-    answer, message, missing = job
+  def ask(job) -> tuple[Judgment, bool, str]:
+    answer, message, missing, key = job
     judgment = judge_one(
       judge,
       answer.record_id,
@@ -359,13 +355,14 @@ def _judge_all(
       attempts=attempts,
       temperature=temperature,
     )
-    return judgment, missing
+    return judgment, missing, key
 
   workers = workers or getattr(judge, "concurrency", 1)
   try:
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-      for judgment, missing in pool.map(ask, todo):
+      for judgment, missing, key in pool.map(ask, todo):
         entry = {
+          "key": key,
           "record_id": judgment.record_id,
           "template": judgment.template,
           "score": judgment.score,

@@ -80,7 +80,7 @@ def table1_markdown(models: Sequence[ModelResult]) -> str:
     eff = model.efficiency
     memory = "-"
     if eff is not None:
-      memory = _number(eff.memory_gb, 3) + ("*" if eff.memory_source == "live_arrays" else "")
+      memory = f"{eff.memory_gb:.3g}" + ("*" if eff.memory_source == "live_arrays" else "")
     cells = [
       model.name,
       setting,
