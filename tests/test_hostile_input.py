@@ -150,7 +150,8 @@ def test_reply_cache_pays_once_and_replays_exactly(serve, tmp_path, monkeypatch)
   rerun, _ = _judge(server.url + "/v1", cache_dir=tmp_path / "judge")
   got = [rerun.chat("s", ["t"]), rerun.chat("s", ["t"]), rerun.chat("s", ["t"], temperature=0.5)]
   assert got == ["first", "second", "third"] and len(server.requests) == 3 and rerun.calls == 0
-  replay, _ = _judge(server.url + "/v1", cache_dir=tmp_path / "judge", replay_only=True)
+  # The endpoint is not part of the key (a loopback judge restarts on a fresh port).
+  replay, _ = _judge("http://127.0.0.1:9/v1", cache_dir=tmp_path / "judge", replay_only=True)
   assert replay.chat("s", ["t"]) == "first"
   with pytest.raises(JudgeError, match="not in the cache"):
     replay.chat("other", ["t"])

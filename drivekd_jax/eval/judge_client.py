@@ -10,7 +10,7 @@ images travel as base64 data URLs in `image_url` parts, in the order the caller 
   5xx, timeouts and connection errors; other 4xx and redirects fail at once.
 * `concurrency` bounds the requests in flight across threads; `chat_many` runs a batch.
 * With `cache_dir`, every reply is appended to `<cache_dir>/judge_cache.jsonl`, keyed by the
-  hash of the request (endpoint, model, messages, temperature, max_tokens) and by how many times
+  hash of the request (model, messages, temperature, max_tokens) and by how many times
   this client has asked that same request before (a scorer that re-asks after an unparseable
   reply gets the next reply, not the same one). A re-run or a resumed run reads its replies back
   and never pays twice; `replay_only=True` forbids the network, so a judged run is replayed
@@ -226,10 +226,12 @@ class OpenAIChatJudge:
     return body
 
   def request_key(self, body: dict[str, Any]) -> str:
-    """The cache key of a request: a hash of the endpoint and the body (never of the key)."""
-    canonical = json.dumps(
-      {"base_url": self.base_url, "body": body}, sort_keys=True, ensure_ascii=False
-    )
+    """The cache key of a request: a hash of its body (model, messages, temperature, max_tokens).
+
+    Neither the key nor the endpoint is part of it: the same model asked the same thing behind
+    another URL (a loopback judge on a fresh port, a mirror) is the same request.
+    """
+    canonical = json.dumps(body, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
   def chat(
