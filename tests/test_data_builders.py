@@ -10,6 +10,7 @@ import tensorflow_datasets as tfds
 from _paths import data_file
 
 from drivekd_jax.data import records as rec
+from drivekd_jax.data import sources
 from drivekd_jax.data.drivebench import CORRUPTIONS, DriveBench
 from drivekd_jax.data.drivekd_qa import DriveKDQA
 from drivekd_jax.data.drivelm import DriveLM
@@ -798,10 +799,10 @@ def test_image_size_option_resizes(tmp_path):
 
 def test_build_dataset_helper(tmp_path):
   root = write_kd_manual_dir(tmp_path / "manual")
-  builder = rec.build_dataset("drivekd_qa", root, tmp_path / "out")
+  builder = sources.build_dataset("drivekd_qa", root, tmp_path / "out")
   assert len(builder.as_data_source("train")) == 3
   shutil.rmtree(root / "100k")
   with pytest.raises(rec.RecordError, match="image not found"):
-    rec.build_dataset("drivekd_qa", root, tmp_path / "out", overwrite=True)
+    sources.build_dataset("drivekd_qa", root, tmp_path / "out", overwrite=True)
   with pytest.raises(ValueError, match="unknown dataset kind"):
-    rec.build_dataset("nuscenes", root, tmp_path / "out")
+    sources.build_dataset("nuscenes", root, tmp_path / "out")

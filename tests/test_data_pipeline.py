@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from drivekd_jax.data import pipeline as pl
-from drivekd_jax.data import records as rec
+from drivekd_jax.data import sources
 from drivekd_jax.data.batch import BATCH_KEYS
 from drivekd_jax.data.processor import IGNORE_INDEX, Processor, ProcessorConfig
 from drivekd_jax.data.tokenizer import train_bpe_tokenizer
@@ -245,7 +245,7 @@ def test_drivekd_demo_through_tfds_builder_and_pipeline(processor, tmp_path):
       path.parent.mkdir(parents=True, exist_ok=True)
       path.write_bytes(_png(index * 11 + k))
       images[raw] = path.read_bytes()
-  builder = rec.build_dataset(
+  builder = sources.build_dataset(
     "drivekd_qa",
     demo_path.parent,
     tmp_path / "tfds",
@@ -355,7 +355,7 @@ def test_synthetic_driving_data_through_builders_and_pipeline(tmp_path):
     tmp_path / "raw", num_train_frames=3, num_test_frames=2, seed=0, image_size=32
   )
   sources = {
-    kind: rec.build_dataset(kind, tmp_path / "raw", tmp_path / "tfds").as_data_source(split)
+    kind: sources.build_dataset(kind, tmp_path / "raw", tmp_path / "tfds").as_data_source(split)
     for kind, split in (("drivekd_qa", "train"), ("drivebench", "test"))
   }
   texts = [

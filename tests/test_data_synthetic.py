@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from drivekd_jax.data import records as rec
-from drivekd_jax.data import synthetic
+from drivekd_jax.data import sources, synthetic
 
 NUM_TRAIN, NUM_TEST = 16, 6
 
@@ -28,10 +28,10 @@ def written(tmp_path_factory):
 def built(written, tmp_path_factory):
   out = tmp_path_factory.mktemp("syn_tfds")
   return {
-    "clean": rec.build_dataset("drivebench", written.root, out, config="clean"),
-    "fog": rec.build_dataset("drivebench", written.root, out, config="fog"),
-    "drivelm": rec.build_dataset("drivelm", written.root, out),
-    "drivekd_qa": rec.build_dataset("drivekd_qa", written.root, out),
+    "clean": sources.build_dataset("drivebench", written.root, out, config="clean"),
+    "fog": sources.build_dataset("drivebench", written.root, out, config="fog"),
+    "drivelm": sources.build_dataset("drivelm", written.root, out),
+    "drivekd_qa": sources.build_dataset("drivekd_qa", written.root, out),
   }
 
 

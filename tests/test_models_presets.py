@@ -159,7 +159,7 @@ def test_overrides_and_errors():
 @pytest.mark.slow
 def test_generate_demo_end_to_end(tmp_path):
   """The "drivekd.generate" task: rendered scene -> processor -> tiny InternVL -> sampler."""
-  from drivekd_jax.models import demo
+  from drivekd_jax.tasks import generate
 
   path = Path(__file__).resolve().parents[1] / "configs" / "drivekd" / "generate.py"
   spec = importlib.util.spec_from_file_location("generate_config", path)
@@ -167,7 +167,7 @@ def test_generate_demo_end_to_end(tmp_path):
   spec.loader.exec_module(module)
   config = module.get_config()
   config.max_new_tokens = 6
-  result = demo.run(config, str(tmp_path))
+  result = generate.run(config, str(tmp_path))
   written = json.loads((tmp_path / "generation.json").read_text())
   assert written["answer_ids"] == result["answer_ids"]
   assert 1 <= len(result["answer_ids"]) <= 6

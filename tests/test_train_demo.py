@@ -62,7 +62,7 @@ def _launch(workdir, *flags, config="configs/drivekd/demo.py"):
 def test_demo_trains_resumes_and_evaluates(tmp_path):
   workdir = tmp_path / "demo"
   log = _launch(workdir, "--config.num_steps=2", "--config.eval.after_training=False")
-  assert "Teacher reasoning warm-up step 3/3: CE" in log
+  assert "warm-up reasoning step 3: loss=" in log
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert steps == [2]
   assert not (workdir / "eval_summary.json").exists()
@@ -71,13 +71,13 @@ def test_demo_trains_resumes_and_evaluates(tmp_path):
   warmup = json.loads((teacher_dir / "warmup.json").read_text())
   assert [step for step, _ in warmup["loss"]] == [1, 2, 3]
   assert warmup["loss"][-1][1] < warmup["loss"][0][1]  # CE falls during the warm-up
-  saved = {p: p.stat().st_mtime_ns for p in (teacher_dir / "params").rglob("*") if p.is_file()}
+  saved = {p: p.stat().st_mtime_ns for p in (teacher_dir / "checkpoints").rglob("*") if p.is_file()}
   assert saved
 
   log = _launch(workdir, "--config.num_steps=3")
-  assert "Resuming from step 2" in log
-  assert "Teacher reasoning: reusing its warm-up" in log
-  assert "warm-up step" not in log
+  assert "train: resuming from checkpoint step 2" in log
+  assert "teacher reasoning: reusing its warm-up (3 steps" in log
+  assert "warm-up reasoning step" not in log
   assert {p: p.stat().st_mtime_ns for p in saved} == saved  # reused, not rewritten
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert steps[-1] == 3
@@ -106,11 +106,11 @@ def test_demo_trains_resumes_and_evaluates(tmp_path):
   assert len((workdir / "eval" / "answers.jsonl").read_text().splitlines()) == 3
 
   # The "drivekd.eval" task on the same workdir, in process (the suite's 8 fake devices).
-  from drivekd_jax.eval import driving
+  from drivekd_jax.tasks import evaluate
 
   config = _demo_config()
   (workdir / "eval_summary.json").unlink()
-  summary = driving.run(config, str(workdir))
+  summary = evaluate.run(config, str(workdir))
   assert summary["checkpoint_step"] == 3
   assert json.loads((workdir / "eval_summary.json").read_text())["num_questions"] == 3
 

@@ -8,6 +8,7 @@ SIGTERM test interrupts.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -24,15 +25,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _checkout import REPO, checkout_env
 from flax import nnx
 
 from drivekd_jax.distill import losses
 from drivekd_jax.models.config import DecoderConfig
 from drivekd_jax.models.qwen2 import Decoder
+from drivekd_jax.train import loop as loop_lib
 from drivekd_jax.train import metrics as metrics_lib
 from drivekd_jax.train import sharding as sharding_lib
-from drivekd_jax.train import trainer
-from drivekd_jax.train.optimizer import build_optimizer
+from drivekd_jax.train.optimizer import OptimizerSettings, build_optimizer
 
 CONFIG = DecoderConfig(
   vocab_size=64, hidden_size=16, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=32
@@ -68,9 +70,7 @@ def make_experiment(mesh, opt_overrides=None):
     grad_clip_norm=1.0,
     **(opt_overrides or {}),
   )
-  from ml_collections import ConfigDict
-
-  tx, _ = build_optimizer(ConfigDict(opt), num_steps=20)
+  tx, _ = build_optimizer(OptimizerSettings(**opt), num_steps=20)
   param_shardings = jax.tree.map(lambda x: x.sharding, params)
   opt_state = jax.jit(
     tx.init,
@@ -116,14 +116,14 @@ def train(
   the data iterator by wrappers of them."""
   rules, state, shardings, step = make_experiment(mesh)
   data = make_data(nan_at=nan_at)
-  settings = trainer.LoopSettings(
+  settings = loop_lib.LoopSettings(
     num_steps=num_steps,
     log_every=1,
     checkpoint_every=checkpoint_every,
     max_consecutive_nonfinite=max_nonfinite,
     progress_bar=progress,
   )
-  return trainer.train_loop(
+  return loop_lib.train_loop(
     settings=settings,
     workdir=str(workdir),
     mesh=mesh,
@@ -194,7 +194,7 @@ def test_too_many_nonfinite_stops_with_last_good_checkpoint(tmp_path):
 
     return bad_step
 
-  with pytest.raises(trainer.NonFiniteError, match="consecutive"):
+  with pytest.raises(loop_lib.NonFiniteError, match="consecutive"):
     train(tmp_path, mesh, 10, max_nonfinite=3, checkpoint_every=1, wrap_step=nan_loss)
   assert (tmp_path / "checkpoints").is_dir()
 
@@ -203,10 +203,11 @@ def test_too_many_nonfinite_stops_with_last_good_checkpoint(tmp_path):
 def test_sigterm_then_resume_is_bit_identical(tmp_path):
   num_steps = 12
   script = Path(__file__).resolve()
-  env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+  env = checkout_env()  # the subprocess runs this checkout's code
   interrupted = tmp_path / "interrupted"
   proc = subprocess.Popen(
     [sys.executable, str(script), str(interrupted), str(num_steps), "0.4"],
+    cwd=REPO,
     env=env,
     stdout=subprocess.PIPE,
     stderr=subprocess.STDOUT,
@@ -221,21 +222,28 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path):
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode == 0, out
-  assert "Preempted" in out, out
+  assert "stop requested (SIGTERM)" in out, out
   stopped_at = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
   assert 0 < stopped_at < num_steps, out
   resumed = subprocess.run(
     [sys.executable, str(script), str(interrupted), str(num_steps)],
+    cwd=REPO,
     env=env,
     capture_output=True,
     text=True,
     timeout=180,
   )
   assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-  assert f"Resuming from step {stopped_at}" in resumed.stdout
+  assert f"resuming from checkpoint step {stopped_at}" in resumed.stdout + resumed.stderr
 
   mesh = sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  reference = train(tmp_path / "straight", mesh, num_steps)
+  straight = tmp_path / "straight"
+  reference = train(straight, mesh, num_steps, wrap_data=lambda d: _Logged(d, straight))
+  # The batches: the resumed run restarts the data exactly where the checkpoint left it.
+  expected = _Logged.read(straight, 0)
+  assert len(expected) == num_steps and len(set(expected)) == num_steps
+  assert _Logged.read(interrupted, 0)[:stopped_at] == expected[:stopped_at]
+  assert _Logged.read(interrupted, 1) == expected[stopped_at:]
   final = np.load(interrupted / "final_params.npz")
   ref_leaves = _flat_params(reference.state)
   assert len(final.files) == len(ref_leaves)
@@ -292,9 +300,41 @@ class _Slow:
     self.inner.set_state(state)
 
 
+class _Logged:
+  """Appends a fingerprint of every batch taken to `WORKDIR/batches-<run>.txt`, one file per run
+  (per `_Logged` made on that folder)."""
+
+  def __init__(self, inner, workdir):
+    self.inner = inner
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    run = len(list(Path(workdir).glob("batches-*.txt")))
+    self.path = Path(workdir) / f"batches-{run}.txt"
+    self.path.touch()
+
+  def __next__(self):
+    batch = next(self.inner)
+    digest = hashlib.sha1(np.ascontiguousarray(batch["input_ids"]).tobytes()).hexdigest()
+    with self.path.open("a") as f:
+      f.write(digest[:16] + "\n")
+    return batch
+
+  def get_state(self):
+    return self.inner.get_state()
+
+  def set_state(self, state):
+    self.inner.set_state(state)
+
+  @staticmethod
+  def read(workdir, run: int) -> list[str]:
+    return (Path(workdir) / f"batches-{run}.txt").read_text().split()
+
+
 def _main(workdir: str, num_steps: int, step_delay: float = 0.0):
   mesh = sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  wrap = (lambda data: _Slow(data, step_delay)) if step_delay else None
+
+  def wrap(data):
+    return _Logged(_Slow(data, step_delay) if step_delay else data, workdir)
+
   result = train(workdir, mesh, num_steps, checkpoint_every=2, wrap_data=wrap)
   if not result.preempted:
     leaves = _flat_params(result.state)

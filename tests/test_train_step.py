@@ -11,6 +11,7 @@ from drivekd_jax.distill.signals import DistillConfig
 from drivekd_jax.models import presets
 from drivekd_jax.models.internvl import InternVL
 from drivekd_jax.train import step as step_lib
+from drivekd_jax.train.experiment import assemble_distillation
 
 IMAGE_ID = presets.TINY_IMAGE_TOKEN_ID
 STUDENT = presets.internvl3("tiny")  # 2 layers, width 64
@@ -56,18 +57,9 @@ def _build(config, models, lr=1e-3, student_config=None, seed=0):
   else:
     student = InternVL(student_config, rngs=nnx.Rngs(seed))
   tx = step_lib.make_optimizer(config, lr)
-  graphdef, state = step_lib.init_train_state(
-    config, student, tx, jax.random.key(0), teacher_configs=[TEACHER]
-  )
-  step = step_lib.make_train_step(
-    config,
-    student_graphdef=graphdef,
-    student_config=student_config,
-    teacher_graphdefs=[t_graph],
-    teacher_configs=[TEACHER],
-    tx=tx,
-  )
-  return step, state, (t_state,)
+  teacher = nnx.merge(t_graph, t_state)
+  distillation = assemble_distillation(config, student, [teacher], tx, jax.random.key(0))
+  return distillation.step_fn, distillation.state, distillation.teacher_states
 
 
 LOSS_WEIGHTS = (0.7, 1.3, 2.0, 0.5)  # distinct per row, so a row mix-up shows
@@ -235,7 +227,7 @@ def test_ablation_signals_and_two_teachers(models):
   """Hidden-state MSE (learned projection), logit KL, cosine A_tv; per-capability teachers."""
   student, (t_graph, t_state) = models
   teacher2_cfg = presets.internvl3("tiny", num_layers=4)
-  t2_graph, t2_state = nnx.split(InternVL(teacher2_cfg, rngs=nnx.Rngs(2)))
+  teacher2 = InternVL(teacher2_cfg, rngs=nnx.Rngs(2))
   config = DistillConfig.from_config(
     {
       "teacher_for": (0, 1, 0),
@@ -254,22 +246,16 @@ def test_ablation_signals_and_two_teachers(models):
     }
   )
   tx = step_lib.make_optimizer(config, 1e-3)
-  graphdef, state = step_lib.init_train_state(
-    config, student, tx, jax.random.key(0), teacher_configs=[TEACHER, teacher2_cfg]
-  )
+  teachers = [nnx.merge(t_graph, t_state), teacher2]
+  distillation = assemble_distillation(config, student, teachers, tx, jax.random.key(0))
+  state, step = distillation.state, distillation.step_fn
   assert state.params["aux"]["hidden_proj/perception"].shape == (64, 96)
-  step = step_lib.make_train_step(
-    config,
-    student_graphdef=graphdef,
-    student_config=STUDENT,
-    teacher_graphdefs=[t_graph, t2_graph],
-    teacher_configs=[TEACHER, teacher2_cfg],
-    tx=tx,
-  )
   assert step.plan.teacher_requests[0].hidden_layers == (0,)
   assert step.plan.teacher_requests[1].text_to_image_layers == (0, 1, 2, 3)
   proj_before = np.asarray(state.params["aux"]["hidden_proj/perception"])
-  state, metrics = jax.jit(step)(state, make_batch(), jax.random.key(0), (t_state, t2_state))
+  state, metrics = jax.jit(step)(
+    state, make_batch(), jax.random.key(0), distillation.teacher_states
+  )
   for name in ("sup", "perception", "reasoning", "planning"):
     value = float(metrics[f"loss/{name}"])
     assert np.isfinite(value) and value > 0, (name, value)

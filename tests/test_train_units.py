@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
+from drivekd_jax.eval import heldout
 from drivekd_jax.models import presets
 from drivekd_jax.train import checkpoint as ckpt_lib
-from drivekd_jax.train import distributed, evaluate
+from drivekd_jax.train import distributed
 from drivekd_jax.train import metrics as metrics_lib
 from drivekd_jax.train import optimizer as optimizer_lib
 from drivekd_jax.train import sharding as sharding_lib
@@ -80,29 +81,29 @@ def test_checkpoint_roundtrip_keeps_values_shardings_keys_and_data_state(tmp_pat
 
 
 def test_schedule_warmup_cosine_floor_and_constant():
-  cfg = ConfigDict(dict(learning_rate=1.0, warmup_steps=10, lr_floor_ratio=0.1))
+  cfg = optimizer_lib.OptimizerSettings(learning_rate=1.0, warmup_steps=10, lr_floor_ratio=0.1)
   schedule = optimizer_lib.learning_rate_schedule(cfg, 110)
   assert float(schedule(0)) == 0.0 and float(schedule(10)) == pytest.approx(1.0)
   assert float(schedule(110)) == pytest.approx(0.1)
   assert float(schedule(60)) == pytest.approx(0.55, abs=1e-3)
   const = optimizer_lib.learning_rate_schedule(
-    ConfigDict(dict(learning_rate=0.5, schedule="constant")), 9
+    optimizer_lib.OptimizerSettings(learning_rate=0.5, schedule="constant"), 9
   )
   assert float(const(5)) == 0.5
 
 
 def test_mcq_letter_and_scores():
-  assert evaluate.mcq_letter("Final: C. Going ahead.") == "C"
-  assert evaluate.mcq_letter("B") == "B"
-  assert evaluate.mcq_letter("(a) left") == "A"
-  assert evaluate.mcq_letter("A car is ahead") is None
-  assert evaluate.mcq_letter("Dangerous") is None
+  assert heldout.mcq_letter("Final: C. Going ahead.") == "C"
+  assert heldout.mcq_letter("B") == "B"
+  assert heldout.mcq_letter("(a) left") == "A"
+  assert heldout.mcq_letter("A car is ahead") is None
+  assert heldout.mcq_letter("Dangerous") is None
   records = [
     {"capability": b"perception", "question": b"q", "answer": b"Final: B. x"},
     {"capability": b"perception", "question": b"q", "answer": b"Final: A. y"},
     {"capability": b"planning", "question": b"q", "answer": b"Stop."},
   ]
-  summary, rows = evaluate.score(records, ["B. x", "Final: C", "Stop."])
+  summary, rows = heldout.score(records, ["B. x", "Final: C", "Stop."])
   assert summary["perception"]["mcq"] == 2 and summary["perception"]["mcq_correct"] == 1
   assert summary["planning"]["mcq_accuracy"] is None
   assert summary["overall"]["mcq_accuracy"] == 0.5

@@ -15,30 +15,16 @@ micro-steps, AdamW with warmup and a cosine schedule. Finally every teacher and 
 answer the same held-out questions greedily and the multiple-choice ones are scored
 (`eval_summary.json`: student under "by_capability", teachers under "teachers").
 
-Cost (2 CPU cores, measured): with three 100-step teachers the whole run took 4 min 07 s wall
-(295 s CPU) at load 1-5: data + BPE ~15 s, warm-up ~32 s per teacher plus ~9 s compilation
-each, distillation compile ~17 s + 200 steps at 0.25-0.45 s, evaluation ~8 s per model. This
-config (two 150-step teachers: the same number of warm-up steps, one teacher fewer in every
-distillation step) should take 4 to 4.5 min on a quiet machine (estimated, not measured: the
-machine stayed at load 7-8, where it took 9 min 28 s wall, 336 s CPU). A relaunch reuses the
-data, tokenizer and teachers; a larger `--config.num_steps` resumes from the last checkpoint and
-trains on.
+Cost: about 4 to 5 minutes on 2 CPU cores (figures in docs/benchmarks.md). A relaunch reuses
+the data, tokenizer and teachers; a larger `--config.num_steps` resumes from the last checkpoint
+and trains on. `:eval` evaluates the student of the workdir's latest checkpoint (task
+drivekd.eval) without training:
 
-What it shows, honestly: the warm-up makes the teachers' attention carry what CE taught them
-(teacher training CE 6.3 -> 0.24 with 3 layers, 0.26 with 4 layers; the student reaches 0.34
-after its 200 steps), and the distillation losses grow accordingly. At step 1 the official
-full-map / text-to-image MSEs are 1e-7 to 6e-7 with the same teachers un-warmed and 1e-4 to
-1.7e-3 warmed (200-3000x larger), and stay ~1e-4 to 1.5e-3 to the end. They remain small next
-to CE by construction (MSEs of attention probabilities); their gradient norms are 1e-4 to 2e-3
-against CE's ~1.3-2.7 (1e-5 un-warmed). Held-out multiple-choice accuracy is not a meaningful
-comparison at this scale: there are 10 multiple-choice questions among the 30 held-out ones;
-the student answers "C" to every one (2/10), the teachers mostly "B" (4/10 and 3/10), and
-"always B" would score 4/10 (chance is 1/4 to 1/3). Answers take the trained formats (planning
-templates with object tags, "Final: X." letters), but no model reads the rendered objects well
-enough to pick letters: the teachers' extra capacity and steps show in training CE, not in
-held-out accuracy. The demo exercises the whole machinery (data, warm-up, sharding, losses, AGP,
-checkpoints, metrics, evaluation) with teachers that carry a learned signal; it does not
-reproduce the paper's gains.
+    python launch.py --config=configs/drivekd/demo.py:eval --workdir=/tmp/drivekd_demo
+
+What it shows: the warm-up makes the teachers' attention carry what CE taught them, and the
+distillation losses grow accordingly; at this scale the held-out multiple-choice accuracy of
+10 questions says little (see docs/benchmarks.md for the measured losses and scores).
 
 Leaves in the workdir: checkpoints/ (Orbax, student state only), teachers/<name>/ (warmed
 parameters, warmup.json with settings and CE curve, eval_summary.json), tensorboard/,
@@ -47,12 +33,14 @@ eval_summary.json, eval/answers.jsonl, config.json, data/.
 
 import ml_collections
 
-from drivekd_jax.train.trainer import default_config, teacher_config
+from drivekd_jax.train.settings import default_config, teacher_config
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  del arg
+  if arg not in ("", "eval"):
+    raise ValueError(f"configs/drivekd/demo.py:{arg}: expected no argument or 'eval'")
   c = default_config()
+  c.task = "drivekd.eval" if arg == "eval" else "drivekd.train"
   c.num_steps = 200
   c.log_every = 10
   c.seed = 0

@@ -23,7 +23,7 @@ Cost: ~1 s per step on 2 CPU cores; the default 600 steps take ~10-15 minutes.
 
 import ml_collections
 
-from drivekd_jax.train.trainer import default_config, teacher_config
+from drivekd_jax.train.settings import default_config, teacher_config
 
 
 def _args(arg: str) -> dict:

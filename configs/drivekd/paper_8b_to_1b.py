@@ -38,7 +38,7 @@ is ~2-3 GPU-hours. Multi-host: add `--config.jax_distributed=True` (SLURM/TPU au
 
 import ml_collections
 
-from drivekd_jax.train.trainer import default_config, teacher_config
+from drivekd_jax.train.settings import default_config, teacher_config
 
 CAPABILITIES = ("perception", "reasoning", "planning")
 

@@ -22,7 +22,7 @@ Cost: ~0.5 s per step on 2 CPU cores; the default 400 steps take ~5 minutes.
 
 import ml_collections
 
-from drivekd_jax.train.trainer import default_config, teacher_config
+from drivekd_jax.train.settings import default_config, teacher_config
 
 CAPABILITIES = ("perception", "reasoning", "planning")
 OFFICIAL = {

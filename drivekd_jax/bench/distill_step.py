@@ -112,8 +112,8 @@ def run_jax(steps: int) -> dict:
   from drivekd_jax.models.config import DecoderConfig, InternVLConfig, VisionConfig
   from drivekd_jax.models.internvl import InternVL
   from drivekd_jax.train import sharding as sharding_lib
-  from drivekd_jax.train import state as state_lib
   from drivekd_jax.train import step as step_lib
+  from drivekd_jax.train.experiment import assemble_distillation
 
   vision = VisionConfig(
     image_size=IMAGE_SIZE,
@@ -142,28 +142,12 @@ def run_jax(steps: int) -> dict:
   rules = sharding_lib.rules_from_config()
   student, _ = sharding_lib.create_sharded(lambda: InternVL(s_cfg, rngs=nnx.Rngs(0)), mesh, rules)
   teacher, _ = sharding_lib.create_sharded(lambda: InternVL(t_cfg, rngs=nnx.Rngs(1)), mesh, rules)
-  t_graph, t_state = nnx.split(teacher)
-  del teacher
   config = DistillConfig(microbatch_size=1, grad_accum_steps=SAMPLES_PER_STEP)
   tx = step_lib.make_optimizer(config)
-  graphdef, params, frozen = state_lib.split_student(student, config.trainable)
-  del student
-
-  def init_state(params, frozen):
-    student = nnx.merge(graphdef, params, frozen)
-    return step_lib.init_train_state(config, student, tx, jax.random.key(0), [t_cfg])[1]
-
-  state = jax.jit(init_state)(params, frozen)
-  del params, frozen
-  step = step_lib.make_train_step(
-    config,
-    student_graphdef=graphdef,
-    student_config=s_cfg,
-    teacher_graphdefs=[t_graph],
-    teacher_configs=[t_cfg],
-    tx=tx,
-  )
-  jitted = step_lib.jit_train_step(step)
+  distillation = assemble_distillation(config, student, [teacher], tx, jax.random.key(0), mesh)
+  del student, teacher
+  state = distillation.state
+  jitted = step_lib.jit_train_step(distillation.step_fn)
   ids, labels, pixels, capability = make_samples()
   batch = {
     "input_ids": ids,
@@ -176,7 +160,7 @@ def run_jax(steps: int) -> dict:
     "example_mask": np.ones(SAMPLES_PER_STEP, bool),
   }
   batch = jax.device_put(batch)
-  teachers = (t_state,)
+  teachers = distillation.teacher_states
   t0 = time.perf_counter()
   state, metrics = jitted(state, batch, jax.random.key(0), teachers)
   jax.block_until_ready(metrics)

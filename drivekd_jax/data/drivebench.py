@@ -20,7 +20,7 @@ builder = DriveBench(config="fog", data_dir="/abs/tfds", manual_dir="/abs/driveb
 builder.download_and_prepare()
 records = builder.as_data_source("test")
 ```
-or `records.build_dataset("drivebench", "/abs/drivebench/data", "/abs/tfds", config="fog")`.
+or `sources.build_dataset("drivebench", "/abs/drivebench/data", "/abs/tfds", config="fog")`.
 Keyword arguments: `json_path` (a different JSON), `image_root` (images elsewhere than the
 manual dir), `visual_description_path`, `skip_bad_records`, `image_size` (see
 `records.DrivingBuilder`). Paths and options are not part of the dataset's identity: to rebuild

@@ -675,51 +675,6 @@ def report_to_info(builder, split: str, log: BadRecordLog, **extra: Any) -> None
     )
 
 
-def build_dataset(
-  kind: str,
-  data_dir: str | os.PathLike,
-  out_dir: str | os.PathLike,
-  *,
-  config: str | None = None,
-  overwrite: bool = False,
-  **builder_kwargs,
-):
-  """Builds one of the driving datasets from a folder in one call and returns the builder.
-
-  Args:
-    kind: "drivebench", "drivelm" or "drivekd_qa".
-    data_dir: the folder with the released (or synthetic) files: the builder's manual dir.
-    out_dir: where TFDS writes the prepared dataset (its `data_dir`).
-    config: builder config name (DriveBench: "clean", "no_image", "fog", ...).
-    overwrite: rebuild even if `out_dir` already holds this dataset version.
-    **builder_kwargs: passed to the builder (`json_path`, `image_root`, `skip_bad_records`, ...).
-
-  Returns:
-    The prepared builder; `builder.as_data_source("test" | "train")` reads the records.
-  """
-  if kind == "drivebench":
-    from drivekd_jax.data.drivebench import DriveBench as cls
-  elif kind == "drivelm":
-    from drivekd_jax.data.drivelm import DriveLM as cls
-  elif kind == "drivekd_qa":
-    from drivekd_jax.data.drivekd_qa import DriveKDQA as cls
-  else:
-    raise ValueError(f"unknown dataset kind {kind!r}: drivebench, drivelm or drivekd_qa")
-  builder = cls(
-    config=config,
-    data_dir=os.path.abspath(out_dir),
-    manual_dir=os.path.abspath(data_dir),
-    **builder_kwargs,
-  )
-  mode = (
-    tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS
-    if overwrite
-    else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
-  )
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
-  return builder
-
-
 class DrivingBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Shared plumbing of the driving builders: array_record, paths, options, bad-record reports.
 

@@ -33,7 +33,7 @@ drivekd_train.json, drivekd_test.json      Drive-KD messages/images/question_typ
 corruption/<Folder>/<CAM>/...              test-frame views for the requested corruptions
 ```
 
-`out_dir` is then the manual dir of all three builders (`records.build_dataset(kind, out_dir,
+`out_dir` is then the manual dir of all three builders (`sources.build_dataset(kind, out_dir,
 tfds_dir)`). CLI: `python -m drivekd_jax.data.synthetic --out DIR --num_train_frames 200
 --num_test_frames 20 --seed 0 --image_size 64 [--corruptions fog,bright]`.
 

@@ -1,4 +1,7 @@
-"""Student evaluation: generated answers to held-out questions and MCQ accuracy by capability.
+"""Held-out evaluation: generated answers to test questions and MCQ accuracy by capability.
+
+`evaluate(model, processor, tokenizer, source, out_dir, ...)` is what the training task runs
+after training (student and teachers) and what task "drivekd.eval" runs on a checkpoint.
 
 For every test record the prompt (question + images, ending with `<|im_start|>assistant\\n`) is
 built by the same processor as training, batched to the training length buckets (padding rows
@@ -214,63 +217,3 @@ def evaluate(
       path,
     )
   return summary
-
-
-def run(config: Any, workdir: str) -> dict:
-  """Task "drivekd.eval": evaluates the student of the latest checkpoint in `workdir`.
-
-  Rebuilds the data and the student from the config (teachers are not needed), restores the
-  student's parameters (trainable and frozen parts) from `<workdir>/checkpoints` (or
-  `config.eval.checkpoint_dir`), and writes `eval_summary.json` and `eval/answers.jsonl`.
-  """
-  from flax import nnx
-
-  from drivekd_jax.data.processor import Processor
-  from drivekd_jax.train import checkpoint as ckpt_lib
-  from drivekd_jax.train import sharding as sharding_lib
-  from drivekd_jax.train import state as state_lib
-  from drivekd_jax.train import trainer
-
-  workdir = os.path.abspath(workdir)
-  ckpt_lib.quiet_orbax_info_logs()
-  mesh = sharding_lib.make_mesh(config.get("mesh", None))
-  rules = sharding_lib.rules_from_config(config.get("sharding_rules", None))
-  data = trainer.prepare_data(config, workdir)
-  student, student_cfg = trainer.build_model(
-    config.student, data.tokenizer, mesh, rules, int(config.seed)
-  )
-  processor = Processor.for_model(
-    data.tokenizer,
-    student_cfg,
-    max_tiles=int(config.data.get("max_tiles", 1)),
-    system_message=config.data.get("system_message", "") or None,
-  )
-  directory = config.eval.get("checkpoint_dir", "") or os.path.join(workdir, "checkpoints")
-  with ckpt_lib.Checkpointer(directory) as checkpointer:
-    step = checkpointer.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {directory}: train first (task drivekd.train)")
-  graphdef, params, frozen = state_lib.split_student(
-    student, config.distill.get("trainable", "all")
-  )
-  target = {"params": {"student": params}}
-  if jax.tree.leaves(frozen):
-    target["frozen"] = frozen
-  restored = ckpt_lib.restore_partial(directory, step, target)
-  model = nnx.merge(graphdef, restored["params"]["student"], restored.get("frozen", frozen))
-  logging.info("evaluating the student of checkpoint step %d in %s", step, directory)
-  pipeline_config = data.pipeline_config
-  return evaluate(
-    model,
-    processor,
-    data.tokenizer,
-    data.test_source,
-    workdir,
-    batch_size=int(config.eval.batch_size),
-    buckets=pipeline_config.buckets,
-    max_images=pipeline_config.max_images,
-    max_new_tokens=int(config.eval.max_new_tokens),
-    max_examples=int(config.eval.get("max_examples", 0)),
-    source_name=data.test_name,
-    facts={"checkpoint_step": step, "checkpoint_dir": directory},
-  )

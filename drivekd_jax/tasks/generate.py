@@ -56,7 +56,7 @@ def driving_corpus(rng: np.random.Generator, num_scenes: int) -> list[str]:
 
 
 def run(config, workdir: str) -> dict:
-  """Runs the demo; returns (and writes to `<workdir>/generation.json`) what it did."""
+  """Runs the generation; returns (and writes to `<workdir>/generation.json`) what it did."""
   os.makedirs(workdir, exist_ok=True)
   timings = {}
   rng = np.random.default_rng(config.seed)
@@ -151,7 +151,6 @@ def run(config, workdir: str) -> dict:
   path = os.path.join(workdir, "generation.json")
   with open(path, "w") as f:
     json.dump(result, f, indent=2, ensure_ascii=False)
-  logging.info("answer: %r", result["answer"])
+  logging.info("Q: %s\nA: %s", config.question, result["answer"])
   logging.info("wrote %s (%.1f s to first answer)", path, timings["first_generate_s"])
-  print(f"Q: {config.question}\nA: {result['answer']}\n(written to {path})")
   return result

@@ -7,7 +7,7 @@ Config keys (all optional, top level):
   num_processes, process_id: this run's process count and index.
   local_device_ids: devices this process owns (e.g. one GPU per process), a list of ints.
   cluster_detection_method: force one of JAX's detectors (e.g. "slurm", "mpi4py").
-  initialization_timeout: seconds to wait for the other processes (default 300).
+  initialization_timeout: seconds to wait for the other processes (0: JAX's default, 300).
 
 Without an explicit coordinator, JAX detects TPU pods (the TPU metadata server), SLURM
 (`SLURM_JOB_ID` with `srun`), Open MPI and Kubernetes jobs and fills everything in itself.
@@ -15,6 +15,7 @@ Without an explicit coordinator, JAX detects TPU pods (the TPU metadata server),
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -38,29 +39,48 @@ def detected_cluster() -> str | None:
   return None
 
 
+@dataclasses.dataclass(frozen=True)
+class DistributedSettings:
+  """The multi-process keys of a config (top level; see the module docstring)."""
+
+  jax_distributed: bool = False
+  coordinator_address: str = ""
+  num_processes: int | None = None
+  process_id: int | None = None
+  local_device_ids: tuple = ()
+  cluster_detection_method: str = ""
+  initialization_timeout: int = 0  # 0: JAX's own default
+
+  @classmethod
+  def from_config(cls, config: Any) -> DistributedSettings:
+    """Reads these keys from any config (other keys are ignored; missing ones default)."""
+    values = {}
+    for field in dataclasses.fields(cls):
+      value = config.get(field.name, None) if hasattr(config, "get") else None
+      if value is not None:
+        values[field.name] = tuple(value) if field.name == "local_device_ids" else value
+    return cls(**values)
+
+
 def initialize_kwargs(config: Any) -> dict[str, Any]:
   """The keyword arguments for `jax.distributed.initialize` taken from the config."""
-  get = config.get
+  settings = DistributedSettings.from_config(config)
   kwargs: dict[str, Any] = {}
-  address = get("coordinator_address", None)
-  if address:
-    kwargs["coordinator_address"] = str(address)
+  if settings.coordinator_address:
+    kwargs["coordinator_address"] = str(settings.coordinator_address)
     for key in ("num_processes", "process_id"):
-      value = get(key, None)
+      value = getattr(settings, key)
       if value is None:
         raise ValueError(f"config.coordinator_address is set, so config.{key} is required")
       kwargs[key] = int(value)
-  elif get("num_processes", None) is not None or get("process_id", None) is not None:
+  elif settings.num_processes is not None or settings.process_id is not None:
     raise ValueError("config.num_processes/process_id need config.coordinator_address")
-  devices = get("local_device_ids", None)
-  if devices is not None:
-    kwargs["local_device_ids"] = [int(d) for d in devices]
-  method = get("cluster_detection_method", None)
-  if method:
-    kwargs["cluster_detection_method"] = str(method)
-  timeout = get("initialization_timeout", None)
-  if timeout is not None:
-    kwargs["initialization_timeout"] = int(timeout)
+  if settings.local_device_ids:
+    kwargs["local_device_ids"] = [int(d) for d in settings.local_device_ids]
+  if settings.cluster_detection_method:
+    kwargs["cluster_detection_method"] = str(settings.cluster_detection_method)
+  if settings.initialization_timeout:
+    kwargs["initialization_timeout"] = int(settings.initialization_timeout)
   return kwargs
 
 

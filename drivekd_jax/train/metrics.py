@@ -115,7 +115,7 @@ class MetricsWriter:
     logdir: folder for event files (e.g. `<workdir>/tensorboard`).
     total_steps: the run's last step; start_step: where this launch began (resume).
     peak_flops_per_device: device peak for MFU; None disables MFU.
-    show_progress: draw the console bar.
+    show_progress: draw the console bar; description: its label.
   """
 
   def __init__(
@@ -126,6 +126,7 @@ class MetricsWriter:
     start_step: int = 0,
     peak_flops_per_device: float | None = None,
     show_progress: bool = True,
+    description: str = "train",
   ):
     self.is_writer = jax.process_index() == 0
     self._writer = None
@@ -133,6 +134,7 @@ class MetricsWriter:
       from tensorboardX import SummaryWriter
 
       self._writer = SummaryWriter(logdir=logdir, flush_secs=10)
+    self._description = description
     self._peak = (peak_flops_per_device * jax.device_count()) if peak_flops_per_device else None
     self._last_time: float | None = None
     self._last_step = start_step
@@ -141,7 +143,7 @@ class MetricsWriter:
       from tqdm.auto import tqdm
 
       self._bar = tqdm(
-        total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True
+        total=total_steps, initial=start_step, desc=description, unit="step", dynamic_ncols=True
       )
 
   def start_timer(self, step: int) -> None:
@@ -204,7 +206,7 @@ class MetricsWriter:
     self.write_scalars(step, scalars)
     if self.is_writer:
       text = ", ".join(f"{k}={float(np.asarray(v)):.5g}" for k, v in sorted(scalars.items()))
-      logging.info("step %d: %s", step, text)
+      logging.info("%s step %d: %s", self._description, step, text)
 
   def flush(self) -> None:
     if self._writer is not None:

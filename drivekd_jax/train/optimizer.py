@@ -1,11 +1,14 @@
-"""The optimizers of Drive-KD runs: gradient combiner (AGP) -> accumulation -> clip -> AdamW.
+"""The optimizers of Drive-KD runs: gradient combiner (AGP) -> window mean -> clip -> AdamW.
 
+`build_optimizer(settings, num_steps)` is the plain one (the teachers' CE warm-up);
+`build_distill_optimizer(settings, num_steps, combiner)` the distillation's `DistillOptimizer`.
 One builder serves the trainer, the pure-step tests and the benchmark, so the optimizer a test
 checks is the one a launch uses.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
@@ -13,69 +16,94 @@ import jax.numpy as jnp
 import optax
 
 
-def learning_rate_schedule(opt_config: Any, num_optimizer_steps: int) -> optax.Schedule:
-  """Linear warmup then cosine decay to `lr_floor_ratio * learning_rate` (or constant).
+@dataclasses.dataclass(frozen=True)
+class OptimizerSettings:
+  """clip -> AdamW with linear warmup then cosine decay (or constant); steps count updates.
 
-  Config keys: learning_rate, warmup_steps, schedule ("cosine" | "constant"), lr_floor_ratio,
-  decay_steps (0: the whole run). Steps count optimizer updates (after accumulation).
+  Attributes:
+    schedule: "cosine" or "constant".
+    decay_steps: 0: the whole run.
+    lr_floor_ratio: the cosine ends at `lr_floor_ratio * learning_rate`.
+    grad_clip_norm: 0: no clipping.
+    accumulation_steps: micro-steps per update (a Drive-KD run takes
+      `distill.grad_accum_steps`).
   """
-  peak = float(opt_config.learning_rate)
-  warmup = int(opt_config.get("warmup_steps", 0))
-  kind = opt_config.get("schedule", "cosine")
-  if kind == "constant":
+
+  learning_rate: float = 5e-5
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  weight_decay: float = 0.0
+  schedule: str = "cosine"
+  warmup_steps: int = 0
+  decay_steps: int = 0
+  lr_floor_ratio: float = 0.01
+  grad_clip_norm: float = 0.0
+  accumulation_steps: int = 1
+
+  def __post_init__(self):
+    if self.schedule not in ("cosine", "constant"):
+      raise ValueError(f"schedule={self.schedule!r}: expected 'cosine' or 'constant'")
+
+
+def learning_rate_schedule(settings: OptimizerSettings, num_updates: int) -> optax.Schedule:
+  """Linear warmup then cosine decay to `lr_floor_ratio * learning_rate` (or constant)."""
+  peak = settings.learning_rate
+  warmup = settings.warmup_steps
+  if settings.schedule == "constant":
     if warmup:
       return optax.join_schedules(
         [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)], [warmup]
       )
     return optax.constant_schedule(peak)
-  if kind != "cosine":
-    raise ValueError(f"config.optimizer.schedule={kind!r}; expected 'cosine' or 'constant'")
-  decay = int(opt_config.get("decay_steps", 0)) or max(num_optimizer_steps, warmup + 1)
-  floor = peak * float(opt_config.get("lr_floor_ratio", 0.01))
+  decay = settings.decay_steps or max(num_updates, warmup + 1)
+  floor = peak * settings.lr_floor_ratio
   return optax.warmup_cosine_decay_schedule(
     0.0 if warmup else peak, peak, warmup, max(decay, warmup + 1), floor
   )
 
 
-def _inner_chain(opt_config: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
+def _clip_adamw(
+  settings: OptimizerSettings, schedule: optax.Schedule
+) -> optax.GradientTransformation:
   """clip (when grad_clip_norm > 0) -> AdamW(schedule)."""
   inner = []
-  clip = float(opt_config.get("grad_clip_norm", 0.0))
-  if clip > 0:
-    inner.append(optax.clip_by_global_norm(clip))
+  if settings.grad_clip_norm > 0:
+    inner.append(optax.clip_by_global_norm(settings.grad_clip_norm))
   inner.append(
     optax.adamw(
       schedule,
-      b1=float(opt_config.get("b1", 0.9)),
-      b2=float(opt_config.get("b2", 0.999)),
-      eps=float(opt_config.get("eps", 1e-8)),
-      weight_decay=float(opt_config.get("weight_decay", 0.0)),
+      b1=settings.b1,
+      b2=settings.b2,
+      eps=settings.eps,
+      weight_decay=settings.weight_decay,
     )
   )
   return optax.chain(*inner)
 
 
-def _accumulation_and_schedule(opt_config: Any, num_steps: int) -> tuple[int, optax.Schedule]:
+def _accumulation_and_schedule(
+  settings: OptimizerSettings, num_steps: int
+) -> tuple[int, optax.Schedule]:
   """Micro-steps per update, and the schedule over the run's `num_steps // accumulation`."""
-  accumulation = max(1, int(opt_config.get("accumulation_steps", 1)))
-  return accumulation, learning_rate_schedule(opt_config, max(1, num_steps // accumulation))
+  accumulation = max(1, settings.accumulation_steps)
+  return accumulation, learning_rate_schedule(settings, max(1, num_steps // accumulation))
 
 
 def build_optimizer(
-  opt_config: Any, num_steps: int
+  settings: OptimizerSettings, num_steps: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """`MultiSteps(clip -> AdamW(schedule))`, for plain (one-gradient) training.
 
   Args:
-    opt_config: learning_rate, b1, b2, eps, weight_decay, grad_clip_norm (0: none),
-      accumulation_steps, plus the schedule keys.
+    settings: the optimizer settings.
     num_steps: micro-steps of the run (each consumes one batch).
 
   Returns:
     (transformation, schedule over optimizer updates).
   """
-  accumulation, schedule = _accumulation_and_schedule(opt_config, num_steps)
-  tx = _inner_chain(opt_config, schedule)
+  accumulation, schedule = _accumulation_and_schedule(settings, num_steps)
+  tx = _clip_adamw(settings, schedule)
   if accumulation > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=accumulation).gradient_transformation()
   return tx, schedule
@@ -99,19 +127,25 @@ class DistillOptState(NamedTuple):
   applied: jax.Array
 
 
+def tree_select(flag: jax.Array, new: Any, old: Any) -> Any:
+  """`new` where the bool scalar `flag` holds, else `old`, leaf by leaf."""
+  return jax.tree.map(lambda a, b: jnp.where(flag, a, b), new, old)
+
+
 class DistillOptimizer(NamedTuple):
   """The Drive-KD optimizer: per micro-step combiner, window mean, then the inner chain.
 
-  Every micro-step's stacked `[1+K, ...]` gradients go through `combiner` (AGP) into one update;
-  the updates of a window of `accumulation` micro-steps are averaged and `inner` (clip -> AdamW)
-  runs once on the mean. That is `as_chain()`, `chain(combiner, MultiSteps(inner,
-  accumulation))`, the official per-sample AGP then accumulation, but the train step runs the
-  pieces itself (`train.step`): inside its scan over micro-batches only the combiner and the
-  running sum run per micro-step, and AdamW runs once per window instead of on every micro-step
-  with its result thrown away (which is what MultiSteps must do under `jit`). Windows are fixed
-  spans of `accumulation` micro-steps; a micro-step the step skips (non-finite, or padding
-  only) adds nothing and the mean is over the applied ones, where MultiSteps would lengthen the
-  window instead (the official code never skips).
+  Every micro-step's stacked `[1+K, ...]` gradients go through `combiner` (AGP) into one update
+  (`combine`), which is added to the window's running sum (`accumulate`); after `accumulation`
+  micro-steps the window closes (`close_window`): `inner` (clip -> AdamW) runs once on the mean
+  of the applied micro-steps' updates. That is `as_chain()`, `chain(combiner, MultiSteps(inner,
+  accumulation))`, the official per-sample AGP then accumulation; the train step calls the
+  pieces itself so that inside its scan over micro-batches only the combiner and the running
+  sum run, and AdamW runs once per window instead of on every micro-step with its result thrown
+  away (which is what MultiSteps must do under `jit`). Windows are fixed spans of
+  `accumulation` micro-steps; a micro-step the step skips (non-finite, or padding only) adds
+  nothing and the mean is over the applied ones, where MultiSteps would lengthen the window
+  instead (the official code never skips).
 
   Attributes:
     combiner: `[1+K, ...]` gradients -> one update (`GradientTransformationExtraArgs`).
@@ -132,6 +166,52 @@ class DistillOptimizer(NamedTuple):
       applied=jnp.zeros((), jnp.int32),
     )
 
+  def combine(
+    self, stacked: Any, state: DistillOptState, params: Any, **extra_args
+  ) -> tuple[Any, Any]:
+    """(this micro-step's update, the combiner's new state) from stacked gradients."""
+    return self.combiner.update(stacked, state.combiner, params, **extra_args)
+
+  def accumulate(
+    self, state: DistillOptState, update: Any, combiner_state: Any, apply: jax.Array
+  ) -> DistillOptState:
+    """Counts one micro-step in the window; adds `update` (and keeps `combiner_state`) only
+    where `apply` (bool scalar) holds."""
+    return state._replace(
+      combiner=tree_select(apply, combiner_state, state.combiner),
+      accumulated=jax.tree.map(
+        lambda a, u: a + jnp.where(apply, u, 0).astype(a.dtype), state.accumulated, update
+      ),
+      count=state.count + 1,
+      applied=state.applied + apply.astype(jnp.int32),
+    )
+
+  def close_window(
+    self, state: DistillOptState, params: Any
+  ) -> tuple[Any, DistillOptState, jax.Array]:
+    """When the window is full: the inner chain on its mean, applied to `params` (no update if
+    nothing was applied), and an empty window.
+
+    Returns:
+      (params, state, closed: bool scalar).
+    """
+    closed = state.count >= self.accumulation
+    update = closed & (state.applied > 0)
+    mean = jax.tree.map(
+      lambda a: a / jnp.maximum(state.applied, 1).astype(a.dtype), state.accumulated
+    )
+    updates, new_inner = self.inner.update(mean, state.inner, params)
+    state = DistillOptState(
+      combiner=state.combiner,
+      inner=tree_select(update, new_inner, state.inner),
+      accumulated=jax.tree.map(
+        lambda a: jnp.where(closed, jnp.zeros_like(a), a), state.accumulated
+      ),
+      count=jnp.where(closed, 0, state.count),
+      applied=jnp.where(closed, 0, state.applied),
+    )
+    return tree_select(update, optax.apply_updates(params, updates), params), state, closed
+
   def as_chain(self) -> optax.GradientTransformationExtraArgs:
     """The equivalent optax chain (one `update` per micro-step)."""
     inner = self.inner
@@ -141,12 +221,14 @@ class DistillOptimizer(NamedTuple):
 
 
 def build_distill_optimizer(
-  opt_config: Any, num_steps: int, gradient_combiner: optax.GradientTransformationExtraArgs
+  settings: OptimizerSettings,
+  num_steps: int,
+  gradient_combiner: optax.GradientTransformationExtraArgs,
 ) -> tuple[DistillOptimizer, optax.Schedule]:
   """`DistillOptimizer(combiner, clip -> AdamW(schedule), accumulation_steps)`.
 
   Args:
-    opt_config: as `build_optimizer`.
+    settings: the optimizer settings (`accumulation_steps`: micro-steps per window).
     num_steps: micro-steps of the run.
     gradient_combiner: turns each micro-step's stacked `[1+K, ...]` gradients into one update
       (AGP; the official code projects per sample, then accumulates).
@@ -154,6 +236,6 @@ def build_distill_optimizer(
   Returns:
     (optimizer, schedule over optimizer updates).
   """
-  accumulation, schedule = _accumulation_and_schedule(opt_config, num_steps)
-  optimizer = DistillOptimizer(gradient_combiner, _inner_chain(opt_config, schedule), accumulation)
+  accumulation, schedule = _accumulation_and_schedule(settings, num_steps)
+  optimizer = DistillOptimizer(gradient_combiner, _clip_adamw(settings, schedule), accumulation)
   return optimizer, schedule

@@ -34,7 +34,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 from flax import nnx
 
@@ -47,6 +46,7 @@ from drivekd_jax.models.config import InternVLConfig
 from drivekd_jax.models.qwen2 import DecoderOutput
 from drivekd_jax.train import optimizer as optimizer_lib
 from drivekd_jax.train import state as state_lib
+from drivekd_jax.train.optimizer import tree_select
 
 LOSS_NAMES = ("sup",) + signals_lib.CAPABILITIES
 
@@ -87,20 +87,18 @@ def make_optimizer(
   """AGP, then AdamW on the mean of every `grad_accum_steps` micro-steps, with the official
   defaults (docs/drivekd_method.md §3.5): the trainer's builder with a constant learning rate and
   no clipping."""
-  opt = ml_collections.ConfigDict(
-    dict(
-      learning_rate=learning_rate,
-      b1=b1,
-      b2=b2,
-      eps=eps,
-      weight_decay=weight_decay,
-      schedule="constant",
-      grad_clip_norm=0.0,
-      accumulation_steps=config.grad_accum_steps,
-    )
+  settings = optimizer_lib.OptimizerSettings(
+    learning_rate=learning_rate,
+    b1=b1,
+    b2=b2,
+    eps=eps,
+    weight_decay=weight_decay,
+    schedule="constant",
+    grad_clip_norm=0.0,
+    accumulation_steps=config.grad_accum_steps,
   )
   tx, _ = optimizer_lib.build_distill_optimizer(
-    opt, config.grad_accum_steps, gradient_combiner(config)
+    settings, config.grad_accum_steps, gradient_combiner(config)
   )
   return tx
 
@@ -401,10 +399,6 @@ def _agp_state(opt_state):
   return found[0] if found else None
 
 
-def _select(flag, new, old):
-  return jax.tree.map(lambda a, b: jnp.where(flag, a, b), new, old)
-
-
 def make_train_step(
   config: signals_lib.DistillConfig,
   *,
@@ -472,17 +466,19 @@ def make_train_step(
   micro = config.microbatch_size
 
   def microstep(carry, mb, params, frozen, teacher_states, mixing):
-    """One micro-batch: gradients, the combiner, and the window's running sum."""
-    combiner_state, accumulated, count, applied, rw, skipped, in_row = carry
+    """One micro-batch: gradients, the combiner, and the window's running sum.
+
+    `carry` holds the optimizer state without its inner (AdamW) part, which only the window's
+    close reads, so that it stays a loop constant of the scan.
+    """
+    window, rw, skipped, in_row = carry
     teacher_outs = _teacher_outputs(plan, teacher_states, mb)
     weights = jax.lax.stop_gradient(plan.reweighter.weights(rw))
     vec, stacked, (raw, mix_eff) = _weighted_gradients(
       plan, params, frozen, mb, teacher_outs, mixing, weights
     )
     active = mix_eff[1:] > 0
-    update, new_combiner = tx.combiner.update(
-      stacked, combiner_state, params, capability_active=active
-    )
+    update, new_combiner = tx.combine(stacked, window, params, capability_active=active)
     # The per-row squared norms: AGP has them (its Gram diagonal); another combiner needs a pass.
     agp_state = _agp_state(new_combiner)
     sq = _slot_sq_norms(stacked) if agp_state is None else agp_state.sq_norms
@@ -495,11 +491,8 @@ def make_train_step(
     new_rw = plan.reweighter.accumulate(rw, raw, raw_norm, present)
     bad = valid & ~finite
     carry = (
-      _select(apply, new_combiner, combiner_state),
-      jax.tree.map(lambda a, u: a + jnp.where(apply, u, 0).astype(a.dtype), accumulated, update),
-      count + 1,
-      applied + apply.astype(jnp.int32),
-      _select(apply, new_rw, rw),
+      tx.accumulate(window, update, new_combiner, apply),
+      tree_select(apply, new_rw, rw),
       skipped + bad.astype(jnp.int32),
       jnp.where(bad, in_row + 1, jnp.where(apply, 0, in_row)),
     )
@@ -518,40 +511,17 @@ def make_train_step(
     """A run of micro-batches that no window boundary cuts, then the window check.
 
     The parameters and the inner optimizer state are loop constants of the micro-batch scan;
-    only the combiner state and the running sum move. Windows are fixed: every `accum`
-    micro-steps one closes (chunks divide `accum`, so that is a chunk end), and the inner chain
-    (AdamW) runs once on the mean over its applied micro-steps. A skipped (non-finite) or
-    padding-only micro-step adds nothing to its window, and a window with none applied makes
-    no update. With every micro-step applied this is `chain(AGP, MultiSteps(AdamW, accum))`
-    exactly; MultiSteps instead lengthens a window past a micro-step it does not count.
+    only the combiner state and the running sum move. Chunks divide `accum`, so every window
+    closes on a chunk end (`DistillOptimizer.close_window`); the dynamic weights update on the
+    same windows.
     """
     params, opt_state, rw, skipped, in_row, frozen = carry
     body = lambda c, mb: microstep(c, mb, params, frozen, teacher_states, mixing)
-    inner_carry = (
-      opt_state.combiner,
-      opt_state.accumulated,
-      opt_state.count,
-      opt_state.applied,
-      rw,
-      skipped,
-      in_row,
+    (window, rw, skipped, in_row), out = jax.lax.scan(
+      body, (opt_state._replace(inner=None), rw, skipped, in_row), mbs
     )
-    (combiner_state, accumulated, count, applied, rw, skipped, in_row), out = jax.lax.scan(
-      body, inner_carry, mbs
-    )
-    close = count >= accum
-    update = close & (applied > 0)
-    mean = jax.tree.map(lambda a: a / jnp.maximum(applied, 1).astype(a.dtype), accumulated)
-    updates, new_inner = tx.inner.update(mean, opt_state.inner, params)
-    opt_state = optimizer_lib.DistillOptState(
-      combiner=combiner_state,
-      inner=_select(update, new_inner, opt_state.inner),
-      accumulated=jax.tree.map(lambda a: jnp.where(close, jnp.zeros_like(a), a), accumulated),
-      count=jnp.where(close, 0, count),
-      applied=jnp.where(close, 0, applied),
-    )
-    params = _select(update, optax.apply_updates(params, updates), params)
-    rw = _select(close, plan.reweighter.update(rw), rw)
+    params, opt_state, closed = tx.close_window(window._replace(inner=opt_state.inner), params)
+    rw = tree_select(closed, plan.reweighter.update(rw), rw)
     return (params, opt_state, rw, skipped, in_row, frozen), out
 
   def step(state: state_lib.TrainState, batch, rng, teacher_states=()):

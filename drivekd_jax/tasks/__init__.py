@@ -1,0 +1,6 @@
+"""What `launch.py` runs: each task is `run(config, workdir)`, thin wiring over the libraries.
+
+- `train`: task "drivekd.train" (distillation, then the held-out evaluation);
+- `evaluate`: task "drivekd.eval" (the held-out evaluation of a workdir's latest checkpoint);
+- `generate`: task "drivekd.generate" (one InternVL3 answer about a rendered scene).
+"""
