@@ -670,3 +670,20 @@ def test_overlap_judge_behind_the_loopback_server(tmp_path):
   out = drivelm.evaluate(test, perfect, judge=local_judge.OverlapJudge())
   assert out["chatgpt"] == 100.0 and out["match"] == pytest.approx(100.0)
   assert out["accuracy"] == 1.0 and out["counts"]["skipped_by_graph"] == 0
+
+
+def test_live_memory_counts_every_shard_and_replica():
+  import jax
+  import numpy as np
+
+  from drivekd_jax.eval import efficiency
+
+  devices = jax.devices()[-2:]
+  before, source = efficiency.device_memory_bytes(devices)
+  mesh = jax.sharding.Mesh(np.asarray(devices), ("x",))
+  replicated = jax.device_put(np.zeros(1000, np.float32), jax.sharding.NamedSharding(mesh, jax.P()))
+  split = jax.device_put(np.zeros(1000, np.float32), jax.sharding.NamedSharding(mesh, jax.P("x")))
+  after, _ = efficiency.device_memory_bytes(devices)
+  assert source == "live_arrays"
+  assert after - before == 2 * 4000 + 4000
+  del replicated, split

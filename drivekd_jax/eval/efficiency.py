@@ -12,7 +12,8 @@
 * **memory**: the sum over the model's devices of their `peak_bytes_in_use` when the backend
   reports it (GPU, TPU; a process-wide peak since start, so measure in a fresh process to
   attribute it to one model); where it does not (CPU), the bytes of all live arrays right after
-  generation (parameters, cache, outputs), marked `memory_source="live_arrays"`.
+  generation on those devices (parameters, cache, outputs; each shard and replica counted),
+  marked `memory_source="live_arrays"`.
 
 The paper's hardware, batch size and serving stack are unknown, so these figures compare
 models measured here with each other, not with the paper's.
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from drivekd_jax.models.internvl import InternVL, embed_inputs_jit
-from drivekd_jax.models.qwen2 import Decoder
+from drivekd_jax.models.qwen2 import Decoder, KVCache
 from drivekd_jax.models.sampling import GREEDY, Sampler, SamplingMethod
 
 GIB = 1024**3
@@ -85,7 +86,7 @@ def _model_devices(model) -> set:
 
 def device_memory_bytes(devices) -> tuple[int, str]:
   """(bytes, source): summed `peak_bytes_in_use` of `devices` if every one reports it, else the
-  bytes of all live arrays."""
+  bytes of every live array shard held on them (replicas counted per device)."""
   peaks = []
   for device in devices:
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
@@ -95,7 +96,14 @@ def device_memory_bytes(devices) -> tuple[int, str]:
     peaks.append(int(stats["peak_bytes_in_use"]))
   if peaks:
     return sum(peaks), "peak_bytes_in_use"
-  return sum(int(x.nbytes) for x in jax.live_arrays()), "live_arrays"
+  devices = set(devices)
+  resident = sum(
+    int(shard.data.nbytes)
+    for x in jax.live_arrays()
+    for shard in x.addressable_shards
+    if shard.device in devices
+  )
+  return resident, "live_arrays"
 
 
 def measure_generation(
@@ -107,6 +115,7 @@ def measure_generation(
   repeats: int = 3,
   method: SamplingMethod = GREEDY,
   attention_mask: np.ndarray | jax.Array | None = None,
+  cache_sharding: KVCache | None = None,
   clock: Callable[[], float] = time.perf_counter,
 ) -> Efficiency:
   """Memory, decode tokens/s and first-token latency of `model` on one prompt (module docstring).
@@ -119,6 +128,8 @@ def measure_generation(
     repeats: timed calls per measurement (the median is kept).
     method: greedy (default) or sampling settings.
     attention_mask: bool `[B, L]` (default all real).
+    cache_sharding: shardings of the KV cache (as `sampling.Sampler` takes them) for a model
+      sharded over several devices; None: the default device.
     clock: seconds (injectable for tests).
 
   Returns:
@@ -145,8 +156,16 @@ def measure_generation(
     raise TypeError(f"expected an InternVL or a Decoder, got {type(model).__name__}")
 
   cache_length = length + 2 + new_tokens
-  first = Sampler(decoder, cache_length=cache_length, max_new_tokens=1, method=method)
-  decode = Sampler(decoder, cache_length=cache_length, max_new_tokens=new_tokens, method=method)
+  first, decode = (
+    Sampler(
+      decoder,
+      cache_length=cache_length,
+      max_new_tokens=count,
+      method=method,
+      cache_sharding=cache_sharding,
+    )
+    for count in (1, new_tokens)
+  )
   mask = None if attention_mask is None else jnp.asarray(attention_mask, bool)
   rng = jax.random.key(0)
 
