@@ -66,11 +66,19 @@ LOSS_WEIGHTS = (0.7, 1.3, 2.0, 0.5)  # distinct per row, so a row mix-up shows
 
 
 def _plain_loss_vector(plan, frozen, teachers, mb):
-  """params -> the loss vector of one unsegmented student forward (`_loss_vector`), the
+  """params -> the loss vector of one unsegmented student forward, the
   reference the step's segmented gradients are checked against."""
   touts = step_lib._teacher_outputs(plan, teachers, mb)
   mixing = step_lib.losses.mixing_matrix(plan.config.mixing)
-  return lambda p: step_lib._loss_vector(plan, p, frozen, mb, touts, mixing)[0]
+
+  def loss_vector(params):
+    model = nnx.merge(plan.student_graphdef, params["student"], frozen)
+    out = step_lib._model_call(model, mb, plan.student_request)
+    ce = step_lib._student_ce(out.logits, mb)
+    mixed, _, _ = step_lib._capability_losses(plan, out, mb, touts, mixing, params["aux"])
+    return jnp.stack([ce] + mixed)
+
+  return loss_vector
 
 
 def _check_against_separate_grads(step, state, teachers, weights=LOSS_WEIGHTS, batch=None):

@@ -378,16 +378,3 @@ def make_global_batch(
     field_sharding = sharding[key] if isinstance(sharding, Mapping) else sharding
     out[key] = jax.make_array_from_process_local_data(field_sharding, np.asarray(value))
   return out
-
-
-def open_tfds_source(path_or_name: str, split: str, *, data_dir: str | None = None):
-  """A random-access TFDS source: a prepared dataset directory, or a name under data_dir."""
-  import os
-
-  import tensorflow_datasets as tfds
-
-  if os.path.isdir(path_or_name):
-    return tfds.builder_from_directory(path_or_name).as_data_source(split=split)
-  return tfds.data_source(
-    path_or_name, data_dir=data_dir, split=split, builder_kwargs={"file_format": "array_record"}
-  )

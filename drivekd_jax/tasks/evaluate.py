@@ -28,19 +28,19 @@ from drivekd_jax.train.settings import RunSettings
 
 
 def restore_student(settings: RunSettings, student: nnx.Module, directory: str):
-  """(module with the checkpoint's parameters, step) from the newest checkpoint in `directory`."""
-  with ckpt_lib.Checkpointer(directory) as checkpointer:
-    step = checkpointer.latest_step()
-  if step is None:
-    raise FileNotFoundError(
-      f"no checkpoint in {directory}: train first (task drivekd.train), or point "
-      "--config.eval.checkpoint_dir at a training run's checkpoints"
-    )
+  """(module with the checkpoint's parameters, step) from the newest checkpoint in `directory`
+  that restores (a broken newer one is named in a warning and skipped)."""
   graphdef, params, frozen = state_lib.split_student(student, settings.distill.trainable)
   target = {"params": {"student": params}}
   if jax.tree.leaves(frozen):
     target["frozen"] = frozen
-  restored = ckpt_lib.restore_partial(directory, step, target)
+  found = ckpt_lib.restore_partial_latest(directory, target)
+  if found is None:
+    raise FileNotFoundError(
+      f"no checkpoint in {directory}: train first (task drivekd.train), or point "
+      "--config.eval.checkpoint_dir at a training run's checkpoints"
+    )
+  step, restored = found
   model = nnx.merge(graphdef, restored["params"]["student"], restored.get("frozen", frozen))
   return model, step
 

@@ -278,25 +278,6 @@ def batch_size_divisor(mesh: jax.sharding.Mesh, rules: Rules) -> int:
   return math.prod(mesh.shape[a] for a in rules["batch"])
 
 
-def host_to_global_batch(
-  batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh, rules: Rules
-) -> dict[str, jax.Array]:
-  """Assembles each process's local batch into global arrays sharded on the batch axis.
-
-  Args:
-    batch: numpy arrays whose leading dimension is this process's share of the global batch.
-
-  Returns:
-    Global `jax.Array`s; the global batch is the concatenation over processes.
-  """
-  out = {}
-  for key, value in batch.items():
-    value = np.asarray(value)
-    sharding = batch_sharding(mesh, rules, value.ndim)
-    out[key] = jax.make_array_from_process_local_data(sharding, value)
-  return out
-
-
 def optimizer_state_shardings(
   tx: Any, abstract_opt_state: Any, param_shardings: Any, mesh: jax.sharding.Mesh
 ) -> Any:

@@ -228,16 +228,6 @@ def _student_ce(logits, mb):
   return losses.cross_entropy(logits, mb["labels"], mb["attention_mask"].astype(bool), ex)
 
 
-def _loss_vector(plan: _Plan, params, frozen, mb, teacher_outs, mixing):
-  """([L_sup, mixed L_k...], (raw per-loss values, effective mixing coefficients))."""
-  model = nnx.merge(plan.student_graphdef, params["student"], frozen)
-  out = _model_call(model, mb, plan.student_request)
-  ce = _student_ce(out.logits, mb)
-  mixed, raw, mix_eff = _capability_losses(plan, out, mb, teacher_outs, mixing, params["aux"])
-  one = jnp.ones((), jnp.float32)
-  return jnp.stack([ce] + mixed), (jnp.stack([ce] + raw), jnp.stack([one] + mix_eff))
-
-
 def _weighted_gradients(plan: _Plan, params, frozen, mb, teacher_outs, mixing, weights):
   """The loss vector, the stacked weighted gradients `[1+K, *param]` and the aux of the step.
 
