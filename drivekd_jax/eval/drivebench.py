@@ -293,6 +293,8 @@ def score_answers(
   scores["judge"] = {
     "name": getattr(judge, "name", None),
     "rubric": rubric_name if judge is not None else None,
+    "temperature": temperature if judge is not None else None,
+    "attempts": attempts,
     "scored": len(scored),
     "failed": len(failures),
     "failures": failures,
