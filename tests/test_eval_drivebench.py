@@ -209,6 +209,7 @@ def test_official_templates_from_a_toolkit_checkout(tmp_path):
   (tmp_path / "evaluate" / "prompts.py").write_text(source + "\nOTHER = 3\n")
   templates = rubrics.official_templates(tmp_path)
   assert templates == body
+  assert drivebench.rubric_templates(tmp_path) == (body, f"official:{tmp_path.name}")
   judge = FakeJudge()
   answers = drivebench.validate_answers(fixture_answers(), "fixture")
   drivebench.score_answers(answers, judge=judge, templates=templates, descriptions=descriptions())
@@ -254,6 +255,27 @@ def test_scores_json_and_summary(tmp_path):
   assert summary["settings"]["clean"]["planning"] == 35.0
   assert summary["corruption_mean"]["settings"] == 2
   assert summary["corruption_mean"]["accuracy_strict"] == 25.0
+
+
+def test_score_setting_reads_answers_and_writes_scores(tmp_path):
+  with answers_lib.JsonlRecords(answers_lib.answers_path(tmp_path, "bright")) as out:
+    for record in fixture_answers():
+      out.append(record)
+  templates, name = drivebench.rubric_templates(None)
+  assert name == "ours" and templates == rubrics.OUR_TEMPLATES
+  scores, path = drivebench.score_setting(
+    tmp_path,
+    "bright",
+    judge=FakeJudge(),
+    templates=templates,
+    rubric_name=name,
+    descriptions=descriptions(),
+  )
+  assert path == drivebench.scores_path(tmp_path, "bright")
+  assert json.loads(path.read_text())["planning"] == PLANNING == scores["planning"]
+  assert (
+    len(answers_lib.read_jsonl(drivebench.judged_path(tmp_path, "bright"), key_field="key")) == 13
+  )
 
 
 def test_no_judge_leaves_judged_scores_null():

@@ -414,6 +414,31 @@ def _write_json(path: Path, data: Any) -> Path:
   return path
 
 
+def judged_path(workdir: str | os.PathLike, setting: str) -> Path:
+  """`<workdir>/drivebench/<setting>/judged.jsonl`."""
+  return Path(workdir) / "drivebench" / setting / "judged.jsonl"
+
+
+def rubric_templates(official_templates_dir: str | os.PathLike | None) -> tuple[dict, str]:
+  """(templates, rubric name): ours, or the official ones read from a toolkit checkout."""
+  if not official_templates_dir:
+    return dict(rubrics.OUR_TEMPLATES), "ours"
+  path = Path(official_templates_dir)
+  return rubrics.official_templates(path), f"official:{path.name}"
+
+
+def score_setting(
+  workdir: str | os.PathLike, setting: str, **options: Any
+) -> tuple[dict[str, Any], Path]:
+  """Scores `answers_path(workdir, setting)` (judgments kept in `judged_path`) and writes
+  `scores_path`; `options` are `score_answers`'s. Returns (scores, path written)."""
+  from drivekd_jax.eval.answers import answers_path
+
+  answers = load_answers(answers_path(workdir, setting))
+  scores = score_answers(answers, judged_path=judged_path(workdir, setting), **options)
+  return scores, write_scores(workdir, setting, scores)
+
+
 def write_scores(workdir: str | os.PathLike, setting: str, scores: Mapping[str, Any]) -> Path:
   """Writes `scores` (from `score_answers`) with its setting to `scores_path`."""
   return _write_json(scores_path(workdir, setting), {**scores, "setting": setting})
