@@ -258,9 +258,10 @@ def test_rope_positions_match_get_rope_index(case):
     attention_mask=torch.tensor(mask),
   )
   got = np.asarray(ours.rope_positions(jnp.asarray(ids), PIXELS, GRIDS, jnp.asarray(mask)))
-  np.testing.assert_array_equal(got[:, mask], want.numpy()[:, mask])
+  assert got.shape == (2, 3, ids.shape[1])  # batch first (the reference's are [3, B, L])
+  np.testing.assert_array_equal(got.transpose(1, 0, 2)[:, mask], want.numpy()[:, mask])
   # The next text position (the cache's next_position) continues past the largest position.
-  next_position = np.where(mask, got.max(axis=0), -1).max(axis=1) + 1
+  next_position = np.where(mask, got.max(axis=1), -1).max(axis=1) + 1
   np.testing.assert_array_equal(next_position, mask.sum(axis=1) + deltas.numpy()[:, 0])
 
 
@@ -409,3 +410,82 @@ def test_teacher_and_student_must_cut_images_alike():
   other = dataclasses.replace(student, vision=dataclasses.replace(student.vision, patch_size=16))
   with pytest.raises(ValueError, match="image token counts differ"):
     check_same_image_tokens(student, other)
+
+
+@pytest.mark.slow
+def test_drive_kd_step_trains_a_qwen_student_from_a_qwen_teacher():
+  """The unchanged Drive-KD step (three attention signals, AGP) with Qwen2.5-VL models: the
+  batch carries `[B, M, H, W, 3]` image slots and M-RoPE positions `[B, 3, L]` (batch first, so
+  the step's micro-batch slicing keeps them aligned); every loss goes down."""
+  from drivekd_jax.distill.signals import DistillConfig
+  from drivekd_jax.train import step as step_lib
+  from drivekd_jax.train.experiment import assemble_distillation
+
+  image_id = presets.TINY_IMAGE_TOKEN_ID
+  student = Qwen25VL(presets.qwen25_vl("tiny"), rngs=nnx.Rngs(0))
+  teacher_config = presets.qwen25_vl(
+    "tiny", num_layers=3, hidden_size=96, num_heads=6, intermediate_size=192
+  )
+  teacher = Qwen25VL(teacher_config, rngs=nnx.Rngs(1))
+  check_same_image_tokens(student.config, teacher.config)
+  rng = np.random.default_rng(0)
+  ids = rng.integers(1, 400, size=(3, 18)).astype(np.int32)
+  ids[:, 2:6] = image_id  # one 56 px image: 4x4 patches, 2x2 tokens
+  labels = np.full(ids.shape, -100, np.int32)
+  labels[:, 10:] = ids[:, 10:]
+  attn = np.ones(ids.shape, bool)
+  attn[1, -3:], labels[1, -3:], ids[1, -3:] = False, -100, 0
+  pixels = rng.normal(size=(3, 1, 56, 56, 3)).astype(np.float32)
+  positions = student.rope_positions(jnp.asarray(ids), jnp.asarray(pixels), attention_mask=attn)
+  assert np.asarray(positions)[0, :, 2:6].tolist() == [[2, 2, 2, 2], [2, 2, 3, 3], [2, 3, 2, 3]]
+  batch = {
+    "input_ids": ids,
+    "labels": labels,
+    "attention_mask": attn,
+    "image_mask": ids == image_id,
+    "positions": np.asarray(positions),
+    "pixel_values": pixels,
+    "capability": np.arange(3, dtype=np.int32),
+    "example_mask": np.ones(3, bool),
+  }
+  config = DistillConfig(
+    microbatch_size=1, grad_accum_steps=1, weights=(1e4, 1e4, 1e4), dynamic_weights=False
+  )
+  tx = step_lib.make_optimizer(config, 2e-3)
+  distillation = assemble_distillation(config, student, [teacher], tx, jax.random.key(0))
+  step = jax.jit(distillation.step_fn, donate_argnums=0)
+  state, history = distillation.state, []
+  for i in range(30):
+    state, metrics = step(state, batch, jax.random.key(i), distillation.teacher_states)
+    history.append({k: float(v) for k, v in metrics.items()})
+  for name in ("sup", "perception", "reasoning", "planning"):
+    first, last = history[0][f"loss/{name}"], history[-1][f"loss/{name}"]
+    assert last < 0.8 * first, (name, first, last)
+
+
+@pytest.mark.parametrize("arg", ["multi", "planning-72B", "tiny"])
+def test_paper_config_names_qwen_presets_that_share_image_tokens(arg):
+  import importlib.util
+  from pathlib import Path
+
+  from drivekd_jax.train.settings import RunSettings
+
+  path = Path(__file__).parents[1] / "configs" / "drivekd" / "paper_qwen25vl.py"
+  spec = importlib.util.spec_from_file_location("paper_qwen25vl", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  settings = RunSettings.from_config(module.get_config(arg))
+  entries = [settings.student] + [settings.teachers[n] for n in settings.teacher_order]
+  student, teacher = (presets.model_config(e.preset, **e.text_overrides) for e in entries)
+  check_same_image_tokens(student, teacher)
+  assert student.text.num_layers == {"tiny": 2}.get(arg, 36)
+  assert teacher.text.num_layers == {"tiny": 3, "planning-72B": 80}.get(arg, 28)
+  with pytest.raises(ValueError, match="teacher size"):
+    module.get_config("multi-14B")
+
+
+def test_model_config_dispatches_on_the_family_prefix():
+  assert presets.model_config("qwen2.5-vl-7B") == presets.qwen25_vl("7B")
+  assert presets.model_config("1B") == presets.internvl3("1B")
+  with pytest.raises(ValueError, match="unknown Qwen2.5-VL preset '9B'"):
+    presets.model_config("qwen2.5-vl-9B")

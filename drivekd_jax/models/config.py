@@ -43,7 +43,7 @@ class DecoderConfig:
     max_position_embeddings: informational; RoPE is computed on the fly.
     mrope_section: multimodal RoPE (Qwen2.5-VL): how many of the head_dim/2 rotary frequencies
       follow each position axis, in the order temporal, height, width (e.g. (16, 24, 24)); the
-      decoder then also accepts positions `[3, B, T]`. None: plain RoPE.
+      decoder then also accepts positions `[B, 3, T]`. None: plain RoPE.
   """
 
   vocab_size: int

@@ -156,8 +156,8 @@ def rope_tables(
   """Rotary tables in fp32.
 
   Args:
-    positions: int `[B, T]` token positions, or `[3, B, T]` multimodal (temporal, height, width)
-      positions when `mrope_section` is given.
+    positions: int `[B, T]` token positions, or `[B, 3, T]` multimodal (temporal, height, width)
+      positions when `mrope_section` is given (batch first, so batches slice along axis 0).
     head_dim: per-head width (even).
     theta: RoPE base.
     mrope_section: M-RoPE (Qwen2.5-VL): consecutive chunks of the head_dim/2 frequencies; chunk i
@@ -165,7 +165,7 @@ def rope_tables(
 
   Returns:
     `(cos, sin)`, each fp32 `[B, T, head_dim]` (the half-width angles repeated twice, matching the
-    non-interleaved `rotate_half` convention). A `[3, B, T]` position whose three axes are equal
+    non-interleaved `rotate_half` convention). A `[B, 3, T]` position whose three axes are equal
     gives the plain `[B, T]` tables.
   """
   exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
@@ -178,7 +178,7 @@ def rope_tables(
         f"{head_dim // 2}; got {mrope_section}"
       )
     bounds = np.cumsum((0,) + tuple(mrope_section))
-    chunks = [angles[i % 3, ..., bounds[i] : bounds[i + 1]] for i in range(len(mrope_section))]
+    chunks = [angles[:, i % 3, :, bounds[i] : bounds[i + 1]] for i in range(len(mrope_section))]
     angles = jnp.concatenate(chunks, axis=-1)
   angles = jnp.concatenate([angles, angles], axis=-1)
   return jnp.cos(angles), jnp.sin(angles)

@@ -199,7 +199,8 @@ def qwen25_vl(
   """The Qwen2.5-VL config called `name` ("3B", "7B", "32B", "72B", "tiny").
 
   `image_token_id` overrides `<|image_pad|>` (151655; 500 for "tiny") and `text_overrides`
-  replace `DecoderConfig` fields (e.g. `vocab_size`, `tie_word_embeddings`).
+  replace `DecoderConfig` fields (e.g. `vocab_size`, `tie_word_embeddings`); the vision merger
+  follows the decoder's `hidden_size`.
   """
   if name in _QWEN25_VL_FULL:
     config, default_token_id = _QWEN25_VL_FULL[name], QWEN25_VL_IMAGE_TOKEN_ID
@@ -215,8 +216,20 @@ def qwen25_vl(
     )
   return dataclasses.replace(
     config,
+    vision=dataclasses.replace(config.vision, out_hidden_size=text.hidden_size),
     text=text,
     image_token_id=image_token_id,
     dtype=dtype,
     param_dtype=param_dtype or dtype,
   )
+
+
+QWEN25_VL_PREFIX = "qwen2.5-vl-"
+
+
+def model_config(name: str, **kwargs) -> InternVLConfig | Qwen25VLConfig:
+  """The config of any preset: `"qwen2.5-vl-<size>"` (e.g. "qwen2.5-vl-3B", "qwen2.5-vl-tiny")
+  is `qwen25_vl(<size>)`, every other name `internvl3(name)`; `kwargs` go to that function."""
+  if name.startswith(QWEN25_VL_PREFIX):
+    return qwen25_vl(name[len(QWEN25_VL_PREFIX) :], **kwargs)
+  return internvl3(name, **kwargs)

@@ -127,7 +127,7 @@ class LayerContext:
   Attributes:
     cos, sin: fp32 `[B, T, head_dim]` rotary tables.
     allowed: bool `[B, T, S]`, query t may attend key s (S = T without a cache).
-    positions: int32 `[B, T]` RoPE positions (`[3, B, T]` with M-RoPE).
+    positions: int32 `[B, T]` RoPE positions (`[B, 3, T]` with M-RoPE).
     write_index: int32 scalar cache slot of the chunk's first token, or None without a cache.
     key_mask: bool `[B, S]`, the cache's real slots after this chunk, or None without a cache.
   """
@@ -340,7 +340,7 @@ class Decoder(nnx.Module):
 
     Args:
       input_ids: int `[B, T]`; or give `inputs_embeds` `[B, T, D]` instead.
-      positions: int32 `[B, T]`, or `[3, B, T]` M-RoPE positions when the config has an
+      positions: int32 `[B, T]`, or `[B, 3, T]` M-RoPE positions when the config has an
         `mrope_section`; defaults to counting real tokens (see module docstring).
       attention_mask: bool `[B, T]`, True for real tokens; defaults to all True.
       cache: a `KVCache` to write this chunk into and attend over; None for a plain causal pass.
@@ -375,8 +375,8 @@ class Decoder(nnx.Module):
 
     new_cache = None
     if cache is not None:
-      # M-RoPE positions [3, B, T]: the next text token follows the largest of the three axes.
-      top = ctx.positions.max(axis=0) if ctx.positions.ndim == 3 else ctx.positions
+      # M-RoPE positions [B, 3, T]: the next text token follows the largest of the three axes.
+      top = ctx.positions.max(axis=1) if ctx.positions.ndim == 3 else ctx.positions
       last_real = jnp.max(jnp.where(attention_mask, top + 1, 0), axis=1)
       new_cache = KVCache(
         k=run.cache_k,
@@ -403,7 +403,7 @@ class Decoder(nnx.Module):
 
     Args:
       attention_mask: bool `[B, T]`, True for real tokens.
-      positions: int32 `[B, T]` (`[3, B, T]` with M-RoPE), or None to count real tokens.
+      positions: int32 `[B, T]` (`[B, 3, T]` with M-RoPE), or None to count real tokens.
       cache: the cache the call writes into, or None for a plain causal pass.
     """
     length = attention_mask.shape[1]

@@ -281,7 +281,7 @@ def mrope_positions(
       `next_position`).
 
   Returns:
-    int32 `[3, B, L]`. A text token gets the number of positions used before it on all three axes;
+    int32 `[B, 3, L]`. A text token gets the number of positions used before it on all three axes;
     an image's tokens get `start + (t, i, j)` and the image uses `max(h, w) / merge` positions.
   """
   offsets, advance = _token_tables(grids, merge)
@@ -296,8 +296,8 @@ def mrope_positions(
   start = jnp.asarray(start, jnp.int32)
   if start.ndim == 1:
     start = start[:, None]
-  offset = jnp.where(image[None], jnp.moveaxis(jnp.asarray(offsets)[rank], -1, 0), 0)
-  return (start + before)[None] + offset
+  offset = jnp.where(image[:, None], jnp.moveaxis(jnp.asarray(offsets)[rank], -1, 1), 0)
+  return (start + before)[:, None] + offset
 
 
 # ---------------------------------------------------------------------------------------------
@@ -549,7 +549,7 @@ class Qwen25VL(nnx.Module):
     attention_mask: jax.Array | None = None,
     start: jax.Array | int = 0,
   ) -> jax.Array:
-    """int32 `[3, B, L]` M-RoPE positions of a batch (see `mrope_positions`); traceable as long
+    """int32 `[B, 3, L]` M-RoPE positions of a batch (see `mrope_positions`); traceable as long
     as the grids are static."""
     if attention_mask is None:
       attention_mask = jnp.ones(input_ids.shape, bool)
@@ -605,7 +605,7 @@ class Qwen25VL(nnx.Module):
       input_ids: int `[B, L]` with `image_token_id` where image embeddings go.
       pixel_values: see the module docstring; `image_grid_thw` with flattened patches.
       attention_mask: bool `[B, L]`, True for real tokens.
-      positions: int32 `[3, B, L]` (or `[B, L]`, the same on all three axes, as the reference
+      positions: int32 `[B, 3, L]` (or `[B, L]`, the same on all three axes, as the reference
         treats 2-D `position_ids`); None computes the M-RoPE positions from the images, counted
         from the cache's `next_position` when a cache is given.
       cache, logits_indices: passed to the decoder.
