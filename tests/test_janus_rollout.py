@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 import pytest
 from janus_fixtures import hf_janus, tiny_rollout_janus
+from PIL import Image
 
 from imug_jax import run as run_lib
 from imug_jax import serve
@@ -47,6 +48,20 @@ def janus_and_tokenizer(bench, tmp_path_factory):
 def _model(janus_and_tokenizer, config=ROLLOUT, **kw):
   janus, tokenizer = janus_and_tokenizer
   return unified.JanusUnifiedModel(janus, tokenizer, config, **kw)
+
+
+def test_understanding_preprocessing_matches_transformers(janus_and_tokenizer):
+  from transformers.models.janus.image_processing_pil_janus import JanusImageProcessorPil
+
+  model = _model(janus_and_tokenizer)
+  processor = JanusImageProcessorPil(
+    size={"height": 16, "width": 16}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+  )
+  for shape in ((20, 12, 3), (9, 30, 3), (16, 16, 3)):
+    image = np.random.default_rng(len(shape)).integers(0, 255, shape, np.uint8)
+    want = processor(Image.fromarray(image), return_tensors="np")["pixel_values"][0]
+    got = model.preprocess(itok.png_bytes(image))
+    np.testing.assert_allclose(got.transpose(2, 0, 1), want, atol=1e-6, rtol=0)
 
 
 @pytest.mark.slow

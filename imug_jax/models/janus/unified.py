@@ -235,12 +235,14 @@ class JanusUnifiedModel:
   # ------------------------------------------------------------------------------ encoding
 
   def preprocess(self, data: bytes) -> np.ndarray:
-    """Encoded image -> float32 `[S, S, 3]` normalised (longest side to S, padded square)."""
+    """Encoded image -> float32 `[S, S, 3]` normalised as transformers' `JanusImageProcessor`
+    (longest side bicubically to S, centred on a square of the mean colour, then normalised)."""
     size = self.janus.config.vision.encoder.image_size
     image = itok.read_image(data)
     height, width = image.shape[:2]
     scale = size / max(height, width)
-    new = (max(round(width * scale), 1), max(round(height * scale), 1))
+    # As `JanusImageProcessor`: no side below its `min_size` of 14 pixels.
+    new = (max(round(width * scale), 14), max(round(height * scale), 14))
     resized = np.asarray(Image.fromarray(image).resize(new, Image.Resampling.BICUBIC))
     mean, std = np.asarray(self.config.image_mean), np.asarray(self.config.image_std)
     canvas = np.empty((size, size, 3), np.uint8)
