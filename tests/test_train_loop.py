@@ -344,4 +344,7 @@ def _main(workdir: str, num_steps: int, step_delay: float = 0.0):
 
 
 if __name__ == "__main__":
+  from absl import logging as absl_logging
+
+  absl_logging.set_verbosity(absl_logging.INFO)  # the loop's resume line is an info log
   _main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]) if len(sys.argv) > 3 else 0.0)
