@@ -20,7 +20,9 @@ from drivekd_jax.train.checkpoint import PREEMPTED_EXIT_CODE
 TASKS = {
   "drivekd.generate": "drivekd_jax.tasks.generate:run",
   "drivekd.train": "drivekd_jax.tasks.train:run",
-  "drivekd.eval": "drivekd_jax.tasks.evaluate:run",
+  "drivekd.heldout": "drivekd_jax.tasks.evaluate:run",
+  "drivekd.eval": "drivekd_jax.tasks.eval_drivebench:run",
+  "drivekd.reproduce": "drivekd_jax.tasks.reproduce:run",
   "imug.eval": "imug_jax.run:run",
 }
 

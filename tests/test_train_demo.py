@@ -105,7 +105,7 @@ def test_demo_trains_resumes_and_evaluates(tmp_path):
   assert teacher_summary["teacher"] == "reasoning" and teacher_summary["warmed_up"]
   assert len((workdir / "eval" / "answers.jsonl").read_text().splitlines()) == 3
 
-  # The "drivekd.eval" task on the same workdir, in process (the suite's 8 fake devices).
+  # The "drivekd.heldout" task on the same workdir, in process (the suite's 8 fake devices).
   from drivekd_jax.tasks import evaluate
 
   config = _demo_config()

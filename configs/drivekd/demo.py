@@ -17,8 +17,8 @@ answer the same held-out questions greedily and the multiple-choice ones are sco
 
 Cost: about 4 to 5 minutes on 2 CPU cores (figures in docs/benchmarks.md). A relaunch reuses
 the data, tokenizer and teachers; a larger `--config.num_steps` resumes from the last checkpoint
-and trains on. `:eval` evaluates the student of the workdir's latest checkpoint (task
-drivekd.eval) without training:
+and trains on. `:eval` evaluates the student of the workdir's latest checkpoint on the held-out
+questions (task drivekd.heldout) without training:
 
     python launch.py --config=configs/drivekd/demo.py:eval --workdir=/tmp/drivekd_demo
 
@@ -40,7 +40,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   if arg not in ("", "eval"):
     raise ValueError(f"configs/drivekd/demo.py:{arg}: expected no argument or 'eval'")
   c = default_config()
-  c.task = "drivekd.eval" if arg == "eval" else "drivekd.train"
+  c.task = "drivekd.heldout" if arg == "eval" else "drivekd.train"
   c.num_steps = 200
   c.log_every = 10
   c.seed = 0

@@ -41,6 +41,7 @@ class SyntheticData:
   num_test_frames: int = 20
   seed: int = 0
   image_size: int = 64
+  corruptions: tuple = ()  # DriveBench corruption stems rendered for the test frames
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +190,8 @@ def prepare_synthetic(settings: DataSettings, workdir: str) -> str:
     "seed": settings.synthetic.seed,
     "image_size": settings.synthetic.image_size,
   }
+  if settings.synthetic.corruptions:  # recorded only when used, so older markers still match
+    wanted["corruptions"] = list(settings.synthetic.corruptions)
 
   def write():
     if os.path.exists(marker):
@@ -200,7 +203,9 @@ def prepare_synthetic(settings: DataSettings, workdir: str) -> str:
         "use a new workdir or config.data.synthetic.dir"
       )
     logging.info("writing synthetic driving data to %s (%s)", root, wanted)
-    synthetic.write_synthetic_driving(root, **wanted)
+    synthetic.write_synthetic_driving(
+      root, **{**wanted, "corruptions": tuple(wanted.get("corruptions", ()))}
+    )
     with open(marker, "w") as f:
       json.dump(wanted, f)
 

@@ -1,7 +1,7 @@
 """Held-out evaluation: generated answers to test questions and MCQ accuracy by capability.
 
 `evaluate(model, processor, tokenizer, source, out_dir, ...)` is what the training task runs
-after training (student and teachers) and what task "drivekd.eval" runs on a checkpoint.
+after training (student and teachers) and what task "drivekd.heldout" runs on a checkpoint.
 
 For every test record the prompt (question + images, ending with `<|im_start|>assistant\\n`) is
 built by the same processor as training, batched to the training length buckets (padding rows
@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from absl import logging
 
 from drivekd_jax.data import pipeline as pipeline_lib
@@ -40,6 +41,8 @@ from drivekd_jax.data.processor import (
   record_where,
 )
 from drivekd_jax.data.tokenizer import Tokenizer
+from drivekd_jax.models import internvl as internvl_lib
+from drivekd_jax.models import sampling
 
 _LETTER = re.compile(r"^\s*(?:final(?:\s+answer)?\s*:\s*)?\(?([A-D])\)?(?=$|[.,:;)])", re.I)
 
@@ -54,6 +57,63 @@ def _capability_name(record: Mapping[str, Any]) -> str:
   return CAPABILITIES[capability_id(record.get("capability", "other"))]
 
 
+def answer_batch(
+  model,
+  examples: Sequence[Mapping[str, np.ndarray]],
+  tokenizer: Tokenizer,
+  *,
+  image_size: int,
+  batch_size: int,
+  buckets: Sequence[int],
+  max_images: int,
+  max_new_tokens: int,
+  method: sampling.SamplingMethod = sampling.GREEDY,
+  rng: jax.Array | None = None,
+) -> list[str]:
+  """Answers up to `batch_size` processed prompts in one generate call (padding rows fill the
+  batch, so every batch of one bucket reuses one compiled sampler).
+
+  Args:
+    model: an `InternVL`.
+    examples: prompts from `Processor.prompt_example` / `record_example(prompt_only=True)`.
+    image_size: the processor's image side; max_images: image slots per row.
+    buckets: prompt length buckets; max_new_tokens: answer length limit.
+    method, rng: greedy (default) or sampling settings and their key.
+
+  Returns:
+    One decoded answer per example (special tokens removed, stripped).
+  """
+  if not 0 < len(examples) <= batch_size:
+    raise ValueError(f"answer_batch takes 1 to {batch_size} examples, got {len(examples)}")
+  image_shape = (image_size, image_size, 3)
+  examples = list(examples)
+  real = len(examples)
+  while len(examples) < batch_size:
+    examples.append(pipeline_lib.padding_example(tokenizer.pad_id, image_shape))
+  batch = pipeline_lib.collate(
+    examples,
+    buckets=buckets,
+    max_images=max_images,
+    pad_id=tokenizer.pad_id,
+    image_shape=image_shape,
+  )
+  state = internvl_lib.generate(
+    model,
+    batch["input_ids"],
+    batch["pixel_values"],
+    max_new_tokens=max_new_tokens,
+    attention_mask=batch["attention_mask"],
+    stop_token_ids=tokenizer.stop_ids,
+    pad_token_id=tokenizer.pad_id,
+    method=method,
+    rng=rng,
+  )
+  return [
+    tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    for tokens in sampling.completions(state)[:real]
+  ]
+
+
 def generate_answers(
   model,
   processor: Processor,
@@ -66,7 +126,7 @@ def generate_answers(
   max_new_tokens: int,
   source_name: str = "test",
 ) -> list[str]:
-  """Greedy answers to the records' questions, in order.
+  """Greedy answers to the records' questions, in order (`answer_batch` over batches).
 
   Args:
     model: an `InternVL`.
@@ -79,38 +139,26 @@ def generate_answers(
   Returns:
     One decoded answer per record (special tokens removed, stripped).
   """
-  from drivekd_jax.models import internvl as internvl_lib
-  from drivekd_jax.models import sampling
-
-  image_shape = (processor.config.image_size, processor.config.image_size, 3)
   answers: list[str] = []
   for start in range(0, len(records), batch_size):
-    chunk = records[start : start + batch_size]
-    examples = []
-    for offset, record in enumerate(chunk):
-      where = f"{source_name} index {start + offset}, {record_where(record)}"
-      examples.append(processor.record_example(record, where=where, prompt_only=True))
-    while len(examples) < batch_size:
-      examples.append(pipeline_lib.padding_example(tokenizer.pad_id, image_shape))
-    batch = pipeline_lib.collate(
+    examples = [
+      processor.record_example(
+        record,
+        where=f"{source_name} index {start + offset}, {record_where(record)}",
+        prompt_only=True,
+      )
+      for offset, record in enumerate(records[start : start + batch_size])
+    ]
+    answers += answer_batch(
+      model,
       examples,
+      tokenizer,
+      image_size=processor.config.image_size,
+      batch_size=batch_size,
       buckets=buckets,
       max_images=max_images,
-      pad_id=tokenizer.pad_id,
-      image_shape=image_shape,
-    )
-    state = internvl_lib.generate(
-      model,
-      batch["input_ids"],
-      batch["pixel_values"],
       max_new_tokens=max_new_tokens,
-      attention_mask=batch["attention_mask"],
-      stop_token_ids=tokenizer.stop_ids,
-      pad_token_id=tokenizer.pad_id,
-      method=sampling.GREEDY,
     )
-    for tokens in sampling.completions(state)[: len(chunk)]:
-      answers.append(tokenizer.decode(tokens, skip_special_tokens=True).strip())
   return answers
 
 

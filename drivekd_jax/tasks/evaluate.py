@@ -1,8 +1,8 @@
-"""Task "drivekd.eval": the held-out evaluation of the student in a training workdir.
+"""Task "drivekd.heldout": the held-out evaluation of the student in a training workdir.
 
     python launch.py --config=configs/drivekd/demo.py:eval --workdir=DIR
 
-(or any training config with `--config.task=drivekd.eval`). Rebuilds the data and the student
+(or any training config with `--config.task=drivekd.heldout`). Rebuilds the data and the student
 from the config (teachers are not needed), restores the student's parameters from the latest
 checkpoint in `<workdir>/checkpoints` (or `eval.checkpoint_dir`), answers the held-out questions
 and writes `eval_summary.json` and `eval/answers.jsonl`. A workdir without a checkpoint is an
@@ -14,35 +14,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import jax
 from absl import logging
-from flax import nnx
 
 from drivekd_jax.data import sources
 from drivekd_jax.eval import heldout
 from drivekd_jax.train import checkpoint as ckpt_lib
 from drivekd_jax.train import experiment as experiment_lib
 from drivekd_jax.train import sharding as sharding_lib
-from drivekd_jax.train import state as state_lib
 from drivekd_jax.train.settings import RunSettings
-
-
-def restore_student(settings: RunSettings, student: nnx.Module, directory: str):
-  """(module with the checkpoint's parameters, step) from the newest checkpoint in `directory`
-  that restores (a broken newer one is named in a warning and skipped)."""
-  graphdef, params, frozen = state_lib.split_student(student, settings.distill.trainable)
-  target = {"params": {"student": params}}
-  if jax.tree.leaves(frozen):
-    target["frozen"] = frozen
-  found = ckpt_lib.restore_partial_latest(directory, target)
-  if found is None:
-    raise FileNotFoundError(
-      f"no checkpoint in {directory}: train first (task drivekd.train), or point "
-      "--config.eval.checkpoint_dir at a training run's checkpoints"
-    )
-  step, restored = found
-  model = nnx.merge(graphdef, restored["params"]["student"], restored.get("frozen", frozen))
-  return model, step
 
 
 def run(config: Any, workdir: str) -> dict:
@@ -62,7 +41,7 @@ def run(config: Any, workdir: str) -> dict:
   student, student_cfg = experiment_lib.build_model(
     settings.student, data.tokenizer, mesh, rules, settings.seed
   )
-  model, step = restore_student(settings, student, directory)
+  model, step = experiment_lib.restore_student(settings, student, directory)
   logging.info("evaluating the student of checkpoint step %d in %s", step, directory)
   return heldout.evaluate(
     model,

@@ -28,6 +28,7 @@ from drivekd_jax.distill.signals import DistillConfig
 from drivekd_jax.models import from_pretrained, presets
 from drivekd_jax.models.config import InternVLConfig
 from drivekd_jax.models.internvl import InternVL
+from drivekd_jax.train import checkpoint as ckpt_lib
 from drivekd_jax.train import sharding as sharding_lib
 from drivekd_jax.train import state as state_lib
 from drivekd_jax.train import step as step_lib
@@ -91,6 +92,24 @@ def build_model(entry: ModelEntry, tokenizer: Tokenizer, mesh, rules, seed: int)
   cfg = model_config(entry, tokenizer)
   model, _ = sharding_lib.create_sharded(lambda: InternVL(cfg, rngs=nnx.Rngs(seed)), mesh, rules)
   return model, cfg
+
+
+def restore_student(settings: RunSettings, student: nnx.Module, directory: str):
+  """(module with the checkpoint's parameters, step) from the newest checkpoint in `directory`
+  that restores (a broken newer one is named in a warning and skipped)."""
+  graphdef, params, frozen = state_lib.split_student(student, settings.distill.trainable)
+  target = {"params": {"student": params}}
+  if jax.tree.leaves(frozen):
+    target["frozen"] = frozen
+  found = ckpt_lib.restore_partial_latest(directory, target)
+  if found is None:
+    raise FileNotFoundError(
+      f"no checkpoint in {directory}: train first (task drivekd.train), or point "
+      "--config.eval.checkpoint_dir at a training run's checkpoints"
+    )
+  step, restored = found
+  model = nnx.merge(graphdef, restored["params"]["student"], restored.get("frozen", frozen))
+  return model, step
 
 
 @dataclasses.dataclass

@@ -56,12 +56,12 @@ class CheckpointSettings:
 
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
-  """Held-out answers after training (task drivekd.train) or of a checkpoint (drivekd.eval).
+  """Held-out answers after training (task drivekd.train) or of a checkpoint (drivekd.heldout).
 
   Attributes:
     teachers: also score every teacher with the same evaluator.
     max_examples: 0: the whole test split.
-    checkpoint_dir: "" : `<workdir>/checkpoints` (task drivekd.eval).
+    checkpoint_dir: "" : `<workdir>/checkpoints` (task drivekd.heldout).
   """
 
   after_training: bool = True
@@ -149,7 +149,7 @@ class RunSettings:
 def check_config(config: Any) -> None:
   """Reads a Drive-KD training or evaluation config once, so a wrong key or value fails at
   launch with its name (configs of other tasks are left to their task)."""
-  if config.get("task", "") in ("drivekd.train", "drivekd.eval"):
+  if config.get("task", "") in ("drivekd.train", "drivekd.heldout"):
     RunSettings.from_config(config)
 
 
