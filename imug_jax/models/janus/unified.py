@@ -50,8 +50,8 @@ from drivekd_jax.models.sampling import SamplerLoop, SamplingMethod
 from imug_jax.models import image_tokenizer as itok
 from imug_jax.models import protocol
 from imug_jax.models.janus.checkpoint import from_pretrained
-from imug_jax.models.janus.generate import image_sampling
-from imug_jax.models.janus.network import ImageGeneration, Janus
+from imug_jax.models.janus.generate import JanusGenerator, image_sampling
+from imug_jax.models.janus.network import Janus
 from imug_jax.models.protocol import Message, ModelError, Response
 
 BOS = "<｜begin▁of▁sentence｜>"
@@ -196,9 +196,10 @@ class JanusUnifiedModel:
         f"vocabulary of {janus.config.text.vocab_size}"
       )
     self.num_image_tokens = janus.config.vision.num_image_tokens
-    self.graphdef, self.params = nnx.split(janus)
-    self.text_graphdef, self.text_params = nnx.split(janus.language_model)
-    self.image_graphdef, self.image_params = nnx.split(ImageGeneration(janus))
+    split = JanusGenerator(janus)  # The whole model, the text LM and the image-token LM.
+    self.graphdef, self.params = split.graphdef, split.params
+    self.text_graphdef, self.text_params = split.text_graphdef, split.text_params
+    self.image_graphdef, self.image_params = split.image_graphdef, split.image_params
 
     def jit(fn, **kw):
       fn = fn if max_traces is None else chex.assert_max_traces(fn, n=max_traces)
