@@ -26,11 +26,13 @@ from drivekd_jax.data import qwen25_vl_processor as processor
 from drivekd_jax.models import from_pretrained, presets, save_pretrained
 from drivekd_jax.models.config import MapRequest
 from drivekd_jax.models.hf_import import CheckpointError
+from drivekd_jax.models.qwen2 import Decoder
 from drivekd_jax.models.qwen25_vl import (
   NO_MAPS,
   Qwen25VL,
   check_same_image_tokens,
   generate,
+  mrope_positions,
   patchify,
   vision_masks,
 )
@@ -263,6 +265,25 @@ def test_rope_positions_match_get_rope_index(case):
   # The next text position (the cache's next_position) continues past the largest position.
   next_position = np.where(mask, got.max(axis=1), -1).max(axis=1) + 1
   np.testing.assert_array_equal(next_position, mask.sum(axis=1) + deltas.numpy()[:, 0])
+
+
+def test_cache_continues_after_the_largest_position():
+  """A prompt ending in an image: the next text position follows the image's largest (height /
+  width) position, not its temporal one."""
+  image_mask = jnp.asarray([[False, False, True, True, True, True]])  # a 2x2-token image last
+  positions = mrope_positions(image_mask, jnp.ones((1, 6), bool), [(1, 4, 4)], merge=2)
+  assert np.asarray(positions)[0].T[-4:].tolist() == [[2, 2, 2], [2, 2, 3], [2, 3, 2], [2, 3, 3]]
+  graphdef, state = nnx.split(Decoder(presets.qwen25_vl("tiny").text, rngs=nnx.Rngs(0)))
+
+  @jax.jit
+  def next_position(state, positions):
+    decoder = nnx.merge(graphdef, state)
+    cache = decoder.init_cache(1, 8)
+    return decoder(
+      jnp.ones((1, 6), jnp.int32), positions=positions, cache=cache
+    ).cache.next_position
+
+  assert np.asarray(next_position(state, positions)).tolist() == [4]
 
 
 @pytest.mark.slow
