@@ -386,6 +386,13 @@ def test_processor_matches_transformers():
   assert processor.smart_resize(10, 20) == (56, 84)  # raised to min_pixels
   with pytest.raises(ValueError, match="aspect ratio"):
     processor.smart_resize(2, 500)
+  fixed = processor.ImageSettings(fixed_size=(56, 84))
+  _, grids = processor.preprocess(images, fixed)
+  assert grids.tolist() == [[1, 4, 6]] * 3
+  with pytest.raises(ValueError, match="not a multiple of 28"):
+    processor.ImageSettings(fixed_size=(50, 56))
+  block = processor.image_block(2)
+  assert block == "<|vision_start|><|image_pad|><|image_pad|><|vision_end|>"
 
 
 # Parameter counts of the released checkpoints (the Hub's safetensors metadata).

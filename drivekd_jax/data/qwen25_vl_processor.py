@@ -6,7 +6,8 @@ the image is resized there (PIL bicubic), scaled to [0, 1], normalised with the 
 cut into patches (`patchify`: the still frame repeated over the 2 temporal slots, block-major over
 2x2 merge blocks). The output is what the HF processor gives the model: flattened patches
 `[sum t*h*w, C*T*P*P]` and `image_grid_thw` `[I, 3]` = (1, H/14, W/14) per image; each image
-becomes `h*w/4` `<|image_pad|>` tokens.
+becomes `h*w/4` `<|image_pad|>` tokens between `<|vision_start|>` and `<|vision_end|>`
+(`image_block`). `ImageSettings.fixed_size` resizes every image to one size instead.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ class ImageSettings:
     min_pixels, max_pixels: area bounds of `smart_resize` (the reference's `size`
       shortest_edge / longest_edge).
     patch_size, merge_size, temporal_patch_size: as in the vision config.
+    fixed_size: `(height, width)` every image is resized to instead of `smart_resize` (e.g.
+      (448, 448): 256 tokens per image, one shape for the `[B, M, H, W, 3]` training layout).
   """
 
   min_pixels: int = 56 * 56
@@ -68,18 +71,27 @@ class ImageSettings:
   patch_size: int = 14
   merge_size: int = 2
   temporal_patch_size: int = 2
+  fixed_size: tuple[int, int] | None = None
+
+  def __post_init__(self):
+    if self.fixed_size is not None and any(side % self.factor for side in self.fixed_size):
+      raise ValueError(f"fixed_size {self.fixed_size} is not a multiple of {self.factor} px")
 
   @property
   def factor(self) -> int:
     return self.patch_size * self.merge_size
 
+  def target_size(self, height: int, width: int) -> tuple[int, int]:
+    """The `(height, width)` an image of this size is resized to."""
+    if self.fixed_size is not None:
+      return self.fixed_size
+    return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
+
 
 def normalized_image(image: ImageLike, settings: ImageSettings = ImageSettings()) -> np.ndarray:
   """One image, resized by `smart_resize` and normalised: float32 `[H, W, 3]`."""
   pil = load_image(image)
-  height, width = smart_resize(
-    pil.height, pil.width, settings.factor, settings.min_pixels, settings.max_pixels
-  )
+  height, width = settings.target_size(pil.height, pil.width)
   pixels = np.asarray(resize_bicubic(pil, width, height), np.float32) / 255.0
   return (pixels - OPENAI_CLIP_MEAN) / OPENAI_CLIP_STD
 
@@ -108,3 +120,14 @@ def image_token_counts(image_grid_thw: np.ndarray, merge_size: int = 2) -> list[
   """`<|image_pad|>` tokens per image: t*h*w / merge_size^2."""
   grids = np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
   return [int(t * h * w) // merge_size**2 for t, h, w in grids]
+
+
+VISION_START = "<|vision_start|>"
+IMAGE_PAD = "<|image_pad|>"
+VISION_END = "<|vision_end|>"
+
+
+def image_block(num_tokens: int) -> str:
+  """The text of one image in a Qwen2.5-VL prompt: `<|vision_start|>`, `num_tokens`
+  `<|image_pad|>` (the expanded placeholder), `<|vision_end|>`."""
+  return VISION_START + IMAGE_PAD * num_tokens + VISION_END
