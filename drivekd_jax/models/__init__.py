@@ -1,8 +1,9 @@
-"""Networks: the Qwen2/LLaMA decoder, InternViT, InternVL3, presets and checkpoint import.
+"""Networks: the Qwen2/LLaMA decoder, InternViT, InternVL3, Qwen2.5-VL, presets and checkpoint
+import.
 
-`from_pretrained(path, dtype=..., sharding=None)` builds an `InternVL` or a `Decoder` from a local
-HuggingFace checkpoint directory (see `hf_import`); `save_pretrained(model, path)` writes one
-(see `export`).
+`from_pretrained(path, dtype=..., sharding=None)` builds an `InternVL`, a `Qwen25VL` or a
+`Decoder` from a local HuggingFace checkpoint directory (see `hf_import`);
+`save_pretrained(model, path)` writes one (see `export`).
 """
 
 from drivekd_jax.models.export import save_pretrained
