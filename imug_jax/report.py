@@ -33,6 +33,7 @@ from absl import logging
 from imug_jax.data import release as release_lib
 from imug_jax.judges import make_judge
 from imug_jax.judges.base import Judge
+from imug_jax.judges.oracle import OracleJudge
 from imug_jax.judges.prompts import PromptSet
 from imug_jax.scoring import exposure, plots, summary
 from imug_jax.scoring.pipeline import ScoringOptions, score_model
@@ -72,20 +73,25 @@ def pair_runs(runs: Sequence[str]) -> tuple[list[str], dict[str, str], dict[str,
   return baselines, references, scaled
 
 
-def resolve_judge(judge: Judge | str) -> Judge:
-  """A Judge, or a spec: "random" / "random:<seed>" (the smoke-test judge)."""
+def resolve_judge(
+  judge: Judge | OracleJudge | str, bench: release_lib.Release
+) -> Judge | OracleJudge:
+  """A judge object, or a spec: "oracle" (the synthetic benchmark's exact ground truth) or
+  "random" / "random:<seed>" (the smoke-test judge of the unit tests; its scores mean nothing)."""
   if not isinstance(judge, str):
     return judge
   kind, _, argument = judge.partition(":")
+  if kind == "oracle":
+    return OracleJudge(bench.data_dir)
   if kind == "random":
     return make_judge("random", **({"seed": int(argument)} if argument else {}))
-  raise ValueError(f"judge spec {judge!r}: pass a Judge object, or 'random[:seed]'")
+  raise ValueError(f"judge spec {judge!r}: pass a judge object, 'oracle' or 'random[:seed]'")
 
 
 def score_and_report(
   out_dir: str | Path,
   benchmark: str | Path | release_lib.Release,
-  judge: Judge | str = "random",
+  judge: Judge | OracleJudge | str = "oracle",
   *,
   report_dir: str | Path | None = None,
   runs: Sequence[str] | None = None,
@@ -100,7 +106,8 @@ def score_and_report(
   Args:
     out_dir: the outputs root holding `<run>/<domain>/...` folders.
     benchmark: the release folder (or its parent), or a loaded `Release`.
-    judge: any Judge (OpenAI-compatible client, local model judge) or "random[:seed]".
+    judge: any Judge (OpenAI-compatible client, local model judge), an `OracleJudge`, or a spec
+      ("oracle" on the synthetic benchmark; "random[:seed]", the smoke-test judge).
     report_dir: where to write; default `<out_dir>/../report`.
     runs: run folders to score; default every run found.
     prompts: judge prompts (ours by default; `PromptSet.official(checkout)` for parity).
@@ -117,7 +124,7 @@ def score_and_report(
     if isinstance(benchmark, release_lib.Release)
     else release_lib.load_release(benchmark, check=False)
   )
-  judge = resolve_judge(judge)
+  judge = resolve_judge(judge, bench)
   prompts = prompts or PromptSet.ours()
   out_dir = Path(out_dir)
   report_dir = Path(report_dir) if report_dir is not None else out_dir.parent / "report"
@@ -182,7 +189,7 @@ def score_and_report(
 def run_from_config(config, workdir: str | Path, model, bench: release_lib.Release) -> dict:
   """Test-time-scaling rollouts (config.tts), then `score_and_report` (config.scoring).
 
-  config.scoring (all optional): judge ("random" | "openai" | "local"), judge_seed, base_url,
+  config.scoring (all optional): judge ("oracle" | "openai" | "local"), judge_seed, base_url,
   judge_model, api_key_env, timeout_s, official_prompts_dir, mcq_parser, missing_output,
   judge_retries, workers, grid_subdomains, num_boot.
   config.tts (optional): strategies (subset of ["cot", "verify", "bon"]), rounds, n, verifier
@@ -190,7 +197,7 @@ def run_from_config(config, workdir: str | Path, model, bench: release_lib.Relea
   """
   scoring = _section(config, "scoring")
   tts = _section(config, "tts")
-  judge = _judge_from_config(scoring, model, Path(workdir) / "report" / "judge")
+  judge = _judge_from_config(scoring, model, bench, Path(workdir) / "report" / "judge")
   out_dir = Path(workdir) / "outputs" / "model_outputs"
   samples = list(bench.samples or ())
   max_samples = _section(config, "data").get("max_samples", 0)
@@ -222,7 +229,9 @@ def run_from_config(config, workdir: str | Path, model, bench: release_lib.Relea
       progress=rollout.get("progress", False),
     )
   grid_default = ScoringOptions().grid_subdomains
-  if (bench.data_dir / "synthetic_meta.jsonl").exists():
+  if isinstance(judge, OracleJudge):
+    grid_default = ()  # The oracle scores every image turn against its exact target.
+  elif (bench.data_dir / "synthetic_meta.jsonl").exists():
     grid_default = (*grid_default, "grid_coloring")  # The synthetic benchmark's grid task.
   options = ScoringOptions(
     mcq_parser=scoring.get("mcq_parser", "official"),
@@ -252,12 +261,15 @@ def _section(config, name: str) -> Mapping[str, Any]:
   return value if value is not None else {}
 
 
-def _judge_from_config(scoring: Mapping[str, Any], model, cache_dir: Path) -> Judge:
+def _judge_from_config(
+  scoring: Mapping[str, Any], model, bench: release_lib.Release, cache_dir: Path
+) -> Judge | OracleJudge:
   """The configured judge; an OpenAI-compatible one keeps its reply cache and request log in
-  `cache_dir` (with the report), so a rerun pays for no reply twice."""
-  kind = scoring.get("judge", "random")
-  if kind == "random":
-    return make_judge("random", seed=int(scoring.get("judge_seed", 2026)))
+  `cache_dir` (with the report), so a rerun pays for no reply twice. The smoke-test random judge
+  is not offered: its scores are noise."""
+  kind = scoring.get("judge", "oracle")
+  if kind == "oracle":
+    return OracleJudge(bench.data_dir)
   if kind == "openai":
     return make_judge(
       "openai",
@@ -271,7 +283,7 @@ def _judge_from_config(scoring: Mapping[str, Any], model, cache_dir: Path) -> Ju
     )
   if kind == "local":
     return make_judge("local", model=model, seed=int(scoring.get("judge_seed", 0)))
-  raise ValueError(f"scoring.judge must be 'random', 'openai' or 'local', got {kind!r}")
+  raise ValueError(f"scoring.judge must be 'oracle', 'openai' or 'local', got {kind!r}")
 
 
 def _batch_model(model, n: int):
@@ -378,11 +390,17 @@ def _ci(estimate: Mapping[str, Any]) -> str:
 
 def _markdown(payload: dict, failures: Mapping[str, list], figures: Mapping[str, str]) -> str:
   s = payload["scoring"]
+  judge_note = (
+    " (the synthetic benchmark's exact ground truth: every point of an image turn scores 5 x the "
+    "patch match of the image with its target; dynamic answers are measured on the model's image)"
+    if s["judge"] == OracleJudge.name
+    else ""
+  )
   lines = [
     "# IMUG-Bench report",
     "",
-    f"- Judge: `{s['judge']}`; prompts: `{s['prompts']}`; judge retries on unparseable replies: "
-    f"{s['judge_retries']}.",
+    f"- Judge: `{s['judge']}`{judge_note}; prompts: `{s['prompts']}`; judge retries on "
+    f"unparseable replies: {s['judge_retries']}.",
     f"- MCQ parser: **{s['mcq_parser']}**"
     + (
       " (reproduces the official adjacent-capitals quirk: multi-letter answers such as `BCD` "
@@ -392,7 +410,7 @@ def _markdown(payload: dict, failures: Mapping[str, list], figures: Mapping[str,
       "score)."
     ),
     f"- Image turns without an image: `{s['missing_output']}`; grid scorer subdomains: "
-    f"{', '.join(s['grid_subdomains'])}.",
+    f"{', '.join(s['grid_subdomains']) or 'none'}.",
     f"- Benchmark: `{s['benchmark']}`. Scores are percentages (image: point mean x 20; text: "
     "MCQ x 100), unweighted micro-means over turns.",
     "",
@@ -428,6 +446,22 @@ def _markdown(payload: dict, failures: Mapping[str, list], figures: Mapping[str,
       )
     if f"by_turn:{model}" in figures:
       lines += ["", f"![{model} by turn]({figures[f'by_turn:{model}']})"]
+    if analysis.get("reference_groups", {}).get(OVERALL):
+      own, ref = analysis["groups"][OVERALL], analysis["reference_groups"][OVERALL]
+      gap = analysis["gap"][OVERALL]["by_turn"]
+      lines += [
+        "",
+        f"### {model}: image score by turn, own vs reference history (95% CI)",
+        "",
+        "| Turn | Own history | Reference history | Own - reference | Image turns |",
+        "| ---: | --- | --- | --- | ---: |",
+      ]
+      for turn, entry in own["by_turn"].items():
+        reference = ref["by_turn"].get(turn)
+        lines.append(
+          f"| {turn} | {_ci(entry['mean'])} | {_ci(reference['mean']) if reference else '-'} | "
+          f"{_ci(gap[turn]) if turn in gap else '-'} | {entry['count']} |"
+        )
     if analysis.get("gap"):
       lines += [
         "",
@@ -485,8 +519,12 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--benchmark", required=True, help="release data folder (or its parent)")
   parser.add_argument("--report_dir", default=None)
   parser.add_argument("--runs", default="", help="comma-separated run folders (default: all)")
-  parser.add_argument("--judge", default="random", choices=("random", "openai"))
-  parser.add_argument("--seed", type=int, default=2026, help="random judge seed")
+  parser.add_argument(
+    "--judge",
+    default="oracle",
+    choices=("oracle", "openai"),
+    help="oracle: the synthetic benchmark's exact ground truth; openai: a chat judge",
+  )
   parser.add_argument("--base_url", default="")
   parser.add_argument("--judge_model", default="")
   parser.add_argument("--api_key_env", default="IMUG_JUDGE_API_KEY")
@@ -509,7 +547,7 @@ def main(argv: Sequence[str] | None = None) -> None:
       replay_only=args.replay_only,
     )
   else:
-    judge = make_judge("random", seed=args.seed)
+    judge = "oracle"
   score_and_report(
     args.out_dir,
     args.benchmark,

@@ -4,13 +4,15 @@ Config (see configs/imug/demo.py):
   data.source         "synthetic" (generated into <workdir>/benchmark if absent) or "release"
   data.release_dir     the release folder (benchmark.jsonl, images/, ...) for "release"
   data.num_samples, data.seed, data.max_samples (0: all)
+  data.train_samples, data.train_seed   the synthetic train split (the same generator with
+                       another seed, under <workdir>/train_benchmark) that model.train fits
   model.kind           "tiny" (in-process JAX model) or "http" (official /infer servers)
   model.checkpoint     a transformers Janus / Janus-Pro directory: the in-process Janus instead
                        (imug_jax.models.janus; model.janus: JanusRolloutConfig fields)
   model.name           output folder name; model.urls / timeout / retries for "http";
                        model.tiny (TinyConfig fields), model.seed, model.text_vocab_size for "tiny";
                        model.train (TrainConfig fields; steps 0: untrained) first fits the tiny
-                       model to the synthetic ground truth (imug_jax.models.tiny_train)
+                       model to the train split's ground truth (imug_jax.models.tiny_train)
   rollout.temperature, seed, concurrency, force, progress
   rollout.reference_control  also roll out with reference history (synthetic ground truth, or
                        rollout.reference_dir: another run's model folder) into <name>__refhist
@@ -53,15 +55,36 @@ def load_benchmark(config, workdir: str | Path) -> release_lib.Release:
     return release_lib.load_release(config.data.release_dir)
   if source != "synthetic":
     raise ValueError(f"data.source must be 'synthetic' or 'release', got {source!r}")
-  num_samples = config.data.num_samples
+  return _synthetic(
+    Path(workdir) / "benchmark", config.data.num_samples, config.data.seed, "data.num_samples"
+  )
+
+
+def load_train_split(config, workdir: str | Path) -> release_lib.Release:
+  """The synthetic train split under <workdir>/train_benchmark: `data.train_samples` samples of
+  the generator seeded `data.train_seed`, which must differ from the evaluated `data.seed`."""
+  if config.data.get("source", "synthetic") != "synthetic":
+    raise ValueError("model.train needs the synthetic benchmark's ground truth (data.source)")
+  train_seed = config.data.get("train_seed", None)
+  if train_seed is None or train_seed == config.data.seed:
+    raise ValueError(
+      f"data.train_seed must be set and differ from data.seed ({config.data.seed}): the train "
+      f"split may not be the evaluated benchmark, got {train_seed!r}"
+    )
+  return _synthetic(
+    Path(workdir) / "train_benchmark",
+    config.data.get("train_samples", 0),
+    train_seed,
+    "data.train_samples",
+  )
+
+
+def _synthetic(root: Path, num_samples, seed: int, field: str) -> release_lib.Release:
   if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-    raise ValueError(f"data.num_samples must be an integer >= 1, got {num_samples!r}")
-  root = Path(workdir) / "benchmark"
+    raise ValueError(f"{field} must be an integer >= 1, got {num_samples!r}")
   if not paths.is_complete(root):
     logging.info("writing the synthetic benchmark to %s", root)
-  paths.build_folder(
-    root, lambda temp: synthetic.write_synthetic(temp, num_samples, config.data.seed)
-  )
+  paths.build_folder(root, lambda temp: synthetic.write_synthetic(temp, num_samples, seed))
   return release_lib.load_release(root)
 
 
@@ -100,30 +123,32 @@ def build_model(
     from drivekd_jax.data import tokenizer as text_tokenizer
     from imug_jax.models.tiny import TinyConfig, TinyUnifiedModel
 
+    train = cfg.get("train")
+    training = train is not None and train.steps > 0
     path = Path(workdir) / "tokenizer.json"
     if path.exists():
       tok = text_tokenizer.Tokenizer.from_path(path)
-    else:
-      bench = bench or load_benchmark(config, workdir)
+    else:  # From the texts the model learns from: the train split, else the evaluated ones.
+      if training:
+        texts = text_corpus(load_train_split(config, workdir))
+      else:
+        texts = text_corpus(bench or load_benchmark(config, workdir))
       path.parent.mkdir(parents=True, exist_ok=True)
       handle, temp = tempfile.mkstemp(dir=path.parent, prefix=".tokenizer.", suffix=".json")
       os.close(handle)
       try:
-        tok = text_tokenizer.train_bpe_tokenizer(text_corpus(bench), cfg.text_vocab_size, temp)
+        tok = text_tokenizer.train_bpe_tokenizer(texts, cfg.text_vocab_size, temp)
         os.replace(temp, path)  # Whole or absent: a killed first start trains it again.
       finally:
         Path(temp).unlink(missing_ok=True)
     fields = {f.name for f in dataclasses.fields(TinyConfig)}
     tiny = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.tiny.items() if k in fields}
     model = TinyUnifiedModel(tok, TinyConfig(**tiny), seed=cfg.seed, name=cfg.name)
-    train = cfg.get("train")
-    if train is not None and train.steps > 0:
+    if training:
       from imug_jax.models import tiny_train
 
-      if config.data.get("source", "synthetic") != "synthetic":
-        raise ValueError("model.train needs the synthetic benchmark's ground truth")
-      bench = bench or load_benchmark(config, workdir)
-      losses = tiny_train.train(model, bench, tiny_train.TrainConfig(**train.to_dict()))
+      split = load_train_split(config, workdir)
+      losses = tiny_train.train(model, split, tiny_train.TrainConfig(**train.to_dict()))
       logging.info(
         "tiny model: %d training steps, loss %.3f -> %.3f", len(losses), losses[0], losses[-1]
       )

@@ -168,13 +168,20 @@ def test_run_from_config_rolls_out_tts_and_reports(tmp_path):
     {
       "data": {"max_samples": 0},
       "rollout": {"temperature": 0.7, "seed": 0, "force": False, "progress": False},
-      "scoring": {"judge": "random", "judge_seed": 5, "mcq_parser": "corrected", "num_boot": 50},
-      "tts": {"strategies": ["cot", "verify", "bon"], "rounds": 1, "n": 2, "verifier": "judge"},
+      "scoring": {"judge": "oracle", "mcq_parser": "corrected", "num_boot": 50},
+      "tts": {"strategies": ["cot", "verify", "bon"], "rounds": 1, "n": 2, "verifier": "self"},
     }
   )
   payload = report.run_from_config(config, tmp_path, model, bench)
-  assert set(payload["tts"]) == {"solid+cot", "solid+verify", "solid+bon2-judge"}
-  assert payload["scoring"]["mcq_parser"] == "corrected"
-  assert "grid_coloring" in payload["scoring"]["grid_subdomains"]  # synthetic grid task
+  assert set(payload["tts"]) == {"solid+cot", "solid+verify", "solid+bon2-self"}
+  assert payload["scoring"]["mcq_parser"] == "corrected" and payload["scoring"]["judge"] == "oracle"
+  assert payload["scoring"]["grid_subdomains"] == []  # the oracle scores the grids too
+  # The oracle knows the ground truth: no model may consult it, nor may a config pick noise.
+  config.tts.verifier = "judge"
+  with pytest.raises(ValueError, match="oracle judge knows the ground truth"):
+    report.run_from_config(config, tmp_path, model, bench)
+  config.scoring.judge = "random"
+  with pytest.raises(ValueError, match="must be 'oracle', 'openai' or 'local'"):
+    report.run_from_config(config, tmp_path, model, bench)
   assert (tmp_path / "report" / "report.md").exists()
   assert all(payload["counts"][run]["samples"] == 4 for run in payload["counts"])

@@ -1,6 +1,9 @@
-"""IMUG demo: the synthetic benchmark, the tiny JAX unified model, own + reference history.
+"""IMUG demo: the tiny JAX unified model trained on the synthetic train split, then evaluated on
+held-out synthetic samples with own and reference history and the three test-time-scaling
+strategies, every turn scored by the oracle judge against the exact ground truth.
 
-`python launch.py --config=configs/imug/demo.py --workdir=/tmp/imug_demo` (a few minutes on CPU).
+`python launch.py --config=configs/imug/demo.py --workdir=/tmp/imug_demo` (minutes on CPU).
+The report (report.md, summary.json, PNG plots) lands in <workdir>/report/.
 Serve the same model: `python -m imug_jax.serve --config=configs/imug/demo.py --port 8000`.
 """
 
@@ -17,6 +20,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.num_samples = 8
   config.data.seed = 0
   config.data.max_samples = 0
+  # The train split: the same generator with another seed, written to <workdir>/train_benchmark.
+  config.data.train_samples = 64
+  config.data.train_seed = 1000
 
   config.model = ml_collections.ConfigDict()
   config.model.kind = "tiny"
@@ -47,11 +53,12 @@ def get_config() -> ml_collections.ConfigDict:
     )
   )
 
-  # A short teacher-forced fit on the synthetic ground truth (imug_jax.models.tiny_train).
+  # A teacher-forced fit on the train split's ground truth (imug_jax.models.tiny_train);
+  # steps=0: the untrained model.
   config.model.train = ml_collections.ConfigDict()
-  config.model.train.steps = 30
-  config.model.train.batch_size = 2
-  config.model.train.max_length = 1024
+  config.model.train.steps = 300
+  config.model.train.batch_size = 4
+  config.model.train.max_length = 1280
   config.model.train.learning_rate = 3e-3
   config.model.train.unconditional_fraction = 0.1
   config.model.train.seed = 0
@@ -64,11 +71,23 @@ def get_config() -> ml_collections.ConfigDict:
   config.rollout.progress = True
   config.rollout.reference_control = True
   config.rollout.reference_dir = ""  # Empty: the synthetic ground truth.
-  # Scoring and report (imug_jax.report): the smoke-test random judge, since nothing may be
-  # downloaded or called remotely; the grid and MCQ scores are exact.
+  # Scoring and report (imug_jax.report): the oracle judge scores every image turn against the
+  # synthetic ground truth and resolves dynamic answers from the model's images (no network).
   config.scoring = ml_collections.ConfigDict()
-  config.scoring.judge = "random"
-  config.scoring.judge_seed = 2026
+  config.scoring.judge = "oracle"  # Or "openai" (base_url, judge_model) / "local".
+  config.scoring.judge_seed = 0  # "local" only.
+  config.scoring.base_url = ""
+  config.scoring.judge_model = ""
+  config.scoring.api_key_env = "IMUG_JUDGE_API_KEY"
+  config.scoring.official_prompts_dir = ""  # A local IMUG-Bench checkout: its judge prompts.
   config.scoring.mcq_parser = "official"
   config.scoring.num_boot = 200
+
+  # Test-time scaling (imug_jax.tts): each strategy is a rollout <name>+<strategy> next to the
+  # baseline; the report gives its gain per turn. strategies=() skips them.
+  config.tts = ml_collections.ConfigDict()
+  config.tts.strategies = ("cot", "verify", "bon")
+  config.tts.rounds = 2  # Self-verification: regenerations at most.
+  config.tts.n = 4  # Best-of-N candidates.
+  config.tts.verifier = "self"  # Best-of-N verifier: "self" (the model) or "judge" (a chat judge).
   return config

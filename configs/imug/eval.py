@@ -52,5 +52,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.scoring.base_url = ""
   config.scoring.judge_model = ""
   config.scoring.api_key_env = "IMUG_JUDGE_API_KEY"
+  config.scoring.official_prompts_dir = ""  # A local IMUG-Bench checkout: its judge prompts.
   config.scoring.mcq_parser = "official"
+
+  # Test-time scaling (imug_jax.tts), e.g. --config.tts.strategies='("cot","verify","bon")':
+  # each strategy is a rollout <name>+<strategy>; the report gives its gain per turn.
+  config.tts = ml_collections.ConfigDict()
+  config.tts.strategies = ()
+  config.tts.rounds = 2  # Self-verification: regenerations at most.
+  config.tts.n = 4  # Best-of-N candidates.
+  config.tts.verifier = "self"  # Best-of-N verifier: "self" (the model) or "judge".
   return config

@@ -2,6 +2,10 @@
 
 resolve dynamic answers -> judge image turns -> grid override (Geometric_Coloring) -> MCQ -> rows.
 
+With an `OracleJudge` (the synthetic benchmark's exact ground truth, `imug_jax.judges.oracle`)
+dynamic answers are resolved and every image turn is scored by the oracle (method "oracle"), in
+place of both the chat judge and the grid override; nothing is cached since nothing is paid for.
+
 Each turn's outcome is written to `question_<id>/scores/turn_<t>.json` (and the resolved dynamic
 answer to `turn_<t>.dynamic.json`) next to result.json. A rerun keeps every judge result that
 succeeded with the same judge and prompts for the same image, and calls the judge only for what is
@@ -20,6 +24,7 @@ from pathlib import Path
 
 from imug_jax.data import release, schema
 from imug_jax.judges.base import Judge
+from imug_jax.judges.oracle import OracleJudge
 from imug_jax.judges.prompts import PromptSet
 from imug_jax.scoring import dynamic, grid, image_points, layout, mcq
 from imug_jax.scoring.summary import TurnRow, class_name, image_percent
@@ -58,7 +63,7 @@ class ScoreResult:
 def score_model(
   model_dir: str | Path,
   files: release.Release,
-  judge: Judge,
+  judge: Judge | OracleJudge,
   *,
   prompts: PromptSet | None = None,
   options: ScoringOptions = ScoringOptions(),
@@ -69,7 +74,8 @@ def score_model(
   Args:
     model_dir: `<out>/<model>`, the rollout in the official layout.
     files: the benchmark release (`imug_jax.data.release.load_release`).
-    judge: any `Judge` (OpenAI-compatible client, smoke-test random judge, local model judge).
+    judge: any `Judge` (OpenAI-compatible client, smoke-test random judge, local model judge),
+      or an `OracleJudge` for the synthetic benchmark.
     prompts: judge system prompts (ours by default, or the official files).
     options: see `ScoringOptions`.
     model_name: name in the rows (default: the folder name).
@@ -105,6 +111,7 @@ def score_model(
     work.append((sample, result))
 
   fingerprint = {"judge": judge.name, "prompts": prompts.source}
+  oracle = judge if isinstance(judge, OracleJudge) else None
 
   # 1. Dynamic answers.
   dynamic_jobs = []
@@ -117,6 +124,21 @@ def score_model(
       if refs is None:
         continue
       path = layout.score_path(model_dir, sample.key, task.turn, "dynamic")
+      if oracle is not None:
+        entry = oracle.dynamic_entry(sample.key, task.turn)
+        image = layout.find_output_image(model_dir, sample.key, entry["image_turn"])
+        record = {
+          "raw_answer": task.answer,
+          "reference_turns": sorted(refs),
+          "status": "ok",
+          "method": "oracle",
+          "image_turn": entry["image_turn"],
+          "answer": oracle.dynamic_answer(entry, image),
+          **fingerprint,
+        }
+        layout.write_record(path, record)
+        resolved[(sample.key, task.turn)] = record
+        continue
       old = layout.read_record(path)
       if not options.rescore and old and old.get("status") == "ok" and _same(old, fingerprint):
         resolved[(sample.key, task.turn)] = old
@@ -147,6 +169,16 @@ def score_model(
         continue
       base = _base_record(model_name, sample, task)
       target = layout.find_output_image(model_dir, sample.key, task.turn, result)
+      if oracle is not None:
+        records[(sample.key, task.turn)] = {
+          **base,
+          "method": "oracle",
+          "status": "ok",
+          "missing_output": target is None,
+          **oracle.score_image(sample.key, task, target),
+          **fingerprint,
+        }
+        continue
       if task.turn in gt and target is not None:
         scores, detection = grid.score_image(target, gt[task.turn], len(task.evaluation_points))
         records[(sample.key, task.turn)] = {

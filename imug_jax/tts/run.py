@@ -48,8 +48,11 @@ def build_wrappers(
       if verifier == "self":
         chosen = verifiers.SelfVerifier(sampler)
       elif verifier == "judge":
-        if judge is None:
-          raise ValueError("best-of-N with verifier='judge' needs a judge")
+        if not isinstance(judge, Judge):
+          raise ValueError(
+            "best-of-N with verifier='judge' needs a chat judge (openai or local); the oracle "
+            "judge knows the ground truth, so a model may not consult it"
+          )
         chosen = verifiers.JudgeVerifier(judge)
       else:
         raise ValueError(f"best-of-N verifier must be 'self' or 'judge', got {verifier!r}")
