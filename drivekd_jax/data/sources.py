@@ -34,13 +34,15 @@ BUILDERS = {"drivebench": DriveBench, "drivelm": DriveLM, "drivekd_qa": DriveKDQ
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticData:
-  """Synthetic driving files written into `<workdir>/data/synthetic` (or `dir`)."""
+  """Synthetic driving files written into `<workdir>/data/synthetic` (or `dir`); `questions`:
+  the question set, "driving" or "grounded" (`drivekd_jax.data.synthetic`)."""
 
   dir: str = ""
   num_train_frames: int = 200
   num_test_frames: int = 20
   seed: int = 0
   image_size: int = 64
+  questions: str = "driving"
   corruptions: tuple = ()  # DriveBench corruption stems rendered for the test frames
 
 
@@ -189,6 +191,7 @@ def prepare_synthetic(settings: DataSettings, workdir: str) -> str:
     "num_test_frames": settings.synthetic.num_test_frames,
     "seed": settings.synthetic.seed,
     "image_size": settings.synthetic.image_size,
+    "questions": settings.synthetic.questions,
   }
   if settings.synthetic.corruptions:  # recorded only when used, so older markers still match
     wanted["corruptions"] = list(settings.synthetic.corruptions)

@@ -15,13 +15,28 @@ answer follows from scene rules, so a model can learn them and an exact scorer c
   lead to a collision, safe actions), answered by deterministic templates.
 - behavior MCQ (tag 0): four options from DriveLM's steering x speed sentences.
 
+That is question set "driving". Set "grounded" (`questions="grounded"`) asks instead a few short
+questions that a tiny model can learn from one rendered view in minutes; each tags one object,
+so only that object's camera view goes with the question, and each has one exact answer:
+
+- perception MCQ (tag 0): the colour of a vehicle (options A-D: red, blue, white, black).
+- behavior MCQ (tag 0, capability reasoning): does the traffic light or the vehicle in the ego
+  lane (on CAM_FRONT) oblige the ego vehicle to stop (options A. Yes, B. No)? It does when it is
+  a hazard (rules below): a red light, a stopped vehicle close ahead. Non-hazards are asked
+  about one time in three, so that Yes and No are about equally frequent.
+
+The options of a grounded MCQ are always listed in the same order.
+- planning VQA (tag 1): the official "actions based on <object>" question about the same
+  objects, answered by one short sentence: "Stop.", "Slow down." or "Keep going." (scored by
+  exact match, `drivekd_jax.eval.results`).
+
 Scene rules: a red light or stop sign on CAM_FRONT, a pedestrian crossing in the ego lane, or a
 stopped vehicle close ahead in the ego lane is a hazard; then the ego vehicle is "going
 straight" and "not moving", and the safe action is to stop. Otherwise the steering follows the
 road curvature, and the speed the lead vehicle in the ego lane (close: slowly, far: normal speed,
 none: fast).
 
-`write_synthetic_driving(out_dir, ...)` writes, under `out_dir`:
+`write_synthetic_driving(out_dir, ..., questions="driving" | "grounded")` writes, under `out_dir`:
 
 ```
 samples/<CAM>/<frame_token>__<CAM>.png    every frame's six views
@@ -35,7 +50,7 @@ corruption/<Folder>/<CAM>/...              test-frame views for the requested co
 
 `out_dir` is then the manual dir of all three builders (`sources.build_dataset(kind, out_dir,
 tfds_dir)`). CLI: `python -m drivekd_jax.data.synthetic --out DIR --num_train_frames 200
---num_test_frames 20 --seed 0 --image_size 64 [--corruptions fog,bright]`.
+--num_test_frames 20 --seed 0 --image_size 64 [--questions grounded] [--corruptions fog,bright]`.
 
 The corruptions are simple numpy stand-ins named after DriveBench's 15 folders, not the
 benchmark's corruption code.
@@ -602,6 +617,66 @@ def scene_qas(scene: Scene, rng: np.random.Generator) -> list[QA]:
   return qas
 
 
+VEHICLE_COLORS = ("red", "blue", "white", "black")
+YES_NO = ("Yes.", "No.")
+PLANNING_ACTIONS = {"stop": "Stop.", "slow down": "Slow down.", _KEEP: "Keep going."}
+STOP_QUESTION = "Does object {tag} oblige the ego vehicle to stop?"
+COLOR_QUESTION = "What is the color of object {tag}?"
+ACTION_QUESTION = (
+  "What actions could the ego vehicle take based on {tag}? Why take this action and what's the"
+  " probability?"
+)
+QUESTION_SETS = ("driving", "grounded")
+
+
+def grounded_qas(scene: Scene, rng: np.random.Generator) -> list[QA]:
+  """The "grounded" questions of one scene (module docstring): every vehicle's colour, and for
+  every CAM_FRONT object whether it obliges the ego vehicle to stop and the action it calls for.
+  `rng` draws which non-hazards get the stop question (the options keep one order)."""
+  qas = []
+
+  def mcq(question_type: str, template: str, obj: SceneObject, correct: str, pool) -> QA:
+    # Options in one fixed order, so the letter names the answer (no option lookup to learn).
+    options = " ".join(f"{'ABCD'[i]}. {o}" for i, o in enumerate(pool))
+    letter = "ABCD"[pool.index(correct)]
+    question = template.format(tag=obj.tag(pixels=False))
+    return QA(
+      question_type,
+      0,
+      template.format(tag=obj.tag(pixels=True)),
+      correct,
+      f"{question}{MCQ_SUFFIX} {options}",
+      letter,
+      _mcq_kd_answer(letter, correct),
+    )
+
+  for obj in scene.objects:
+    if obj.kind == "vehicle":
+      color = obj.description.split()[0].capitalize() + "."
+      pool = [c.capitalize() + "." for c in VEHICLE_COLORS]
+      qas.append(mcq("perception", COLOR_QUESTION, obj, color, pool))
+  # Only the objects whose answer the view decides: the traffic light (its colour) and the
+  # vehicle in the ego lane (stopped or not, near or far). A stop sign, a pedestrian in the lane
+  # or an object beside the lane would be answered by its tag's position alone.
+  front = [
+    o
+    for o in scene.objects
+    if o.camera == "CAM_FRONT"
+    and (o.kind == "traffic_light" or (o.kind == "vehicle" and o.in_ego_lane))
+  ]
+  for obj in front:
+    # Non-hazards are asked about one time in three, so Yes and No come about equally often.
+    if obj.is_hazard or rng.random() < 1 / 3:
+      stop = YES_NO[0] if obj.is_hazard else YES_NO[1]
+      qas.append(mcq("behavior", STOP_QUESTION, obj, stop, YES_NO))
+  for obj in front:
+    action = PLANNING_ACTIONS[_action(obj)]
+    q_lm = ACTION_QUESTION.format(tag=obj.tag(pixels=True))
+    q_b = ACTION_QUESTION.format(tag=obj.tag(pixels=False))
+    qas.append(QA("planning", 1, q_lm, action, q_b, action, action))
+  return qas
+
+
 # ------------------------------------------------------------------------------------------------
 # Writing the three formats.
 
@@ -637,6 +712,7 @@ def write_synthetic_driving(
   image_size: int = 64,
   frames_per_scene: int = 2,
   corruptions: Sequence[str] = (),
+  questions: str = "driving",
 ) -> SyntheticDrivingPaths:
   """Writes a synthetic driving dataset in the three released formats (module docstring).
 
@@ -649,12 +725,15 @@ def write_synthetic_driving(
     frames_per_scene: keyframes that share a scene token.
     corruptions: DriveBench corruption stems (`drivebench.CORRUPTIONS`) to render for the test
       frames under `corruption/<Folder>/<CAM>/`.
+    questions: the question set, "driving" or "grounded" (module docstring).
 
   Returns:
     The written paths.
   """
   from drivekd_jax.data.drivebench import CORRUPTIONS
 
+  if questions not in QUESTION_SETS:
+    raise ValueError(f"unknown question set {questions!r}; known: {', '.join(QUESTION_SETS)}")
   for stem in corruptions:
     if stem not in CORRUPTIONS:
       raise ValueError(f"unknown corruption {stem!r}; known: {', '.join(CORRUPTIONS)}")
@@ -682,7 +761,8 @@ def write_synthetic_driving(
           folder.mkdir(parents=True, exist_ok=True)
           (folder / name).write_bytes(rec.encode_png(corrupt(view, stem, rng)))
 
-  qas_of = {s.frame_token: scene_qas(s, rng) for s in scenes}
+  make_qas = grounded_qas if questions == "grounded" else scene_qas
+  qas_of = {s.frame_token: make_qas(s, rng) for s in scenes}
   drivelm: dict[str, dict] = {}
   visual_description: dict[str, dict] = {}
   drivebench, kd_train, kd_test = [], [], []
@@ -789,6 +869,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--image_size", type=int, default=64)
   parser.add_argument("--frames_per_scene", type=int, default=2)
   parser.add_argument("--corruptions", default="", help="comma-separated stems, e.g. fog,bright")
+  parser.add_argument("--questions", default="driving", choices=QUESTION_SETS)
   args = parser.parse_args(argv)
   paths = write_synthetic_driving(
     args.out,
@@ -798,6 +879,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     image_size=args.image_size,
     frames_per_scene=args.frames_per_scene,
     corruptions=[c for c in args.corruptions.split(",") if c],
+    questions=args.questions,
   )
   for field in dataclasses.fields(paths):
     print(f"{field.name}: {getattr(paths, field.name)}")
