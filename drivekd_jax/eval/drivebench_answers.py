@@ -28,15 +28,6 @@ from drivekd_jax.eval import answers as answers_lib
 from drivekd_jax.eval.heldout import answer_batch
 from drivekd_jax.models import sampling
 
-CAMERA_ORDER = (
-  "CAM_FRONT",
-  "CAM_FRONT_LEFT",
-  "CAM_FRONT_RIGHT",
-  "CAM_BACK",
-  "CAM_BACK_LEFT",
-  "CAM_BACK_RIGHT",
-)
-
 # The toolkit's decoding (vLLM): temperature 0.2, top-p 0.2, up to 512 tokens.
 OFFICIAL_SAMPLING = sampling.SamplingMethod(temperature=0.2, top_p=0.2)
 OFFICIAL_MAX_NEW_TOKENS = 512
@@ -164,6 +155,8 @@ def answer_setting(
   return written
 
 
-def first_prompt(processor: Processor, records: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+def first_prompt(
+  processor: Processor, records: Sequence[Mapping[str, Any]]
+) -> dict[str, np.ndarray]:
   """The processed prompt of the first record (the efficiency measurement's input)."""
   return prompt_example(processor, records[0], record_where(records[0]))
