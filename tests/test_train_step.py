@@ -202,7 +202,7 @@ def test_training_reduces_every_loss_and_skips_nonfinite(models):
     first, last = history[0][f"loss/{name}"], history[-1][f"loss/{name}"]
     assert last < 0.8 * first, (name, first, last)
   assert history[-1]["skipped"] == 0 and history[-1]["applied_microsteps"] == 3
-  assert history[-1]["agp/stage1_conflicts"] >= 0
+  assert "agp/stage1_conflicts" in history[-1]  # AGP reports its diagnostics
   # The vision tower is frozen with trainable="llm".
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.frozen), vision_before)
 
