@@ -19,7 +19,7 @@ from drivekd_jax.train import metrics as metrics_lib
 REPO = Path(__file__).resolve().parents[1]
 SMALL = [
   "--config.data.synthetic.num_train_frames=4",
-  "--config.data.synthetic.num_test_frames=1",
+  "--config.data.synthetic.num_test_frames=3",
   "--config.log_every=1",
   "--config.checkpoint.every_steps=2",
   "--config.eval.max_examples=3",
@@ -74,7 +74,7 @@ def test_demo_trains_resumes_and_evaluates(tmp_path):
   saved = {p: p.stat().st_mtime_ns for p in (teacher_dir / "checkpoints").rglob("*") if p.is_file()}
   assert saved
 
-  log = _launch(workdir, "--config.num_steps=3")
+  log = _launch(workdir, "--config.num_steps=3", f"--config.export_dir={workdir / 'hf'}")
   assert "train: resuming from checkpoint step 2" in log
   assert "teacher reasoning: reusing its warm-up (3 steps" in log
   assert "warm-up reasoning step" not in log
@@ -104,6 +104,16 @@ def test_demo_trains_resumes_and_evaluates(tmp_path):
   teacher_summary = json.loads((teacher_dir / "eval_summary.json").read_text())
   assert teacher_summary["teacher"] == "reasoning" and teacher_summary["warmed_up"]
   assert len((workdir / "eval" / "answers.jsonl").read_text().splitlines()) == 3
+
+  # The exported student: HF layout with the run's tokenizer, loadable back.
+  from drivekd_jax.models import from_pretrained
+  from drivekd_jax.models.internvl import InternVL
+
+  assert (workdir / "hf" / "config.json").is_file() and (
+    workdir / "hf" / "tokenizer.json"
+  ).is_file()
+  assert list((workdir / "hf").glob("*.safetensors"))
+  assert isinstance(from_pretrained(str(workdir / "hf")), InternVL)
 
   # The "drivekd.heldout" task on the same workdir, in process (the suite's 8 fake devices).
   from drivekd_jax.tasks import evaluate

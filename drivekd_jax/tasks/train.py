@@ -5,6 +5,7 @@
 Builds the experiment (`train.experiment`: data, student, teachers warmed if asked, step), runs
 `train.loop.train_loop` until `num_steps` or a stop request, then answers the held-out questions
 with the student (and every teacher when `eval.teachers`) and writes `eval_summary.json`.
+With `export_dir` set the trained student is also written there in the HF layout.
 A stop request (SIGTERM) saves and returns `{"preempted": True}`; `launch.py` then exits 143.
 """
 
@@ -21,6 +22,7 @@ from absl import logging
 
 from drivekd_jax.data import pipeline as pipeline_lib
 from drivekd_jax.eval import heldout
+from drivekd_jax.models import save_pretrained
 from drivekd_jax.train import checkpoint as ckpt_lib
 from drivekd_jax.train import experiment as experiment_lib
 from drivekd_jax.train import metrics as metrics_lib
@@ -102,6 +104,8 @@ def run(config: Any, workdir: str) -> dict:
     return {"step": 0, "preempted": True, "resumed_from": None, "nonfinite_total": 0, "eval": None}
   _write_config(config, workdir)
   result = _distil(exp, workdir)
+  if settings.export_dir and not result.preempted:
+    export_student(exp, result.state, settings.export_dir, workdir)
   out = {
     "step": result.step,
     "preempted": result.preempted,
@@ -127,6 +131,20 @@ def run(config: Any, workdir: str) -> dict:
     },
   )
   return out
+
+
+def export_student(exp: experiment_lib.Experiment, state: Any, path: str, workdir: str) -> str:
+  """Writes the student of `state` in the HF layout (`models.save_pretrained`), with the
+  tokenizer files of the student's checkpoint, of `data.tokenizer`, or the run's own BPE."""
+  settings = exp.settings
+  tokenizer = settings.student.checkpoint or settings.data.tokenizer
+  tokenizer_dir = tokenizer or os.path.join(workdir, "data", "tokenizer")
+  if os.path.isfile(tokenizer_dir):
+    tokenizer_dir = os.path.dirname(tokenizer_dir)
+  if jax.process_index() == 0:
+    save_pretrained(exp.student(state), path, tokenizer_dir=tokenizer_dir)
+    logging.info("exported the student to %s", path)
+  return path
 
 
 def _distil(exp: experiment_lib.Experiment, workdir: str):

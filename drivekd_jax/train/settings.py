@@ -98,6 +98,8 @@ class RunSettings:
     sharding_rules: (logical name, mesh axes) pairs over `sharding.DEFAULT_RULES`.
     teacher_names: comma-separated keys of `teachers`, in the order `distill.teacher_for`
       indexes them.
+    export_dir: after training, the student in the HF layout (`models.save_pretrained`),
+      loadable by `transformers`.
   """
 
   task: str = "drivekd.train"
@@ -127,6 +129,7 @@ class RunSettings:
   checkpoint: CheckpointSettings = CheckpointSettings()
   eval: EvalSettings = EvalSettings()
   teacher_warmup: WarmupSettings = WarmupSettings()
+  export_dir: str = ""  # write the trained student there in the HF layout ("": do not)
 
   @classmethod
   def from_config(cls, config: Any) -> RunSettings:
