@@ -29,6 +29,8 @@ from drivekd_jax.models.internvl import InternVL
 from drivekd_jax.train import optimizer as optimizer_lib
 from drivekd_jax.train import step as step_lib
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 IMAGE_ID = presets.TINY_IMAGE_TOKEN_ID
 STUDENT = presets.internvl3("tiny", num_layers=5)
 TEACHER = presets.internvl3("tiny", num_layers=6, hidden_size=96, intermediate_size=192)
