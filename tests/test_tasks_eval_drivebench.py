@@ -28,6 +28,8 @@ def _config(**overrides):
   config.max_new_tokens = 4
   config.max_items = 5
   config.efficiency.new_tokens = 2
+  config.efficiency.presets = "tiny"
+  config.efficiency.dtype = "float32"
   for key, value in overrides.items():
     config[key] = value
   return config
@@ -48,6 +50,7 @@ def test_eval_task_scores_reports_and_resumes(tmp_path):
     assert len(lines) == 5 and all("pred" in line and "question" in line for line in lines)
   report = (tmp_path / "drivebench" / "report.md").read_text()
   assert "random tiny" in report and (tmp_path / "drivebench" / "settings.png").is_file()
+  assert "| tiny (random init, text prompt) | - | - | - | - | - |" in report  # efficiency only
   summary = json.loads((tmp_path / "drivebench" / "summary.json").read_text())
   assert set(summary["settings"]) == {"clean", "fog"}
   assert json.loads((tmp_path / "drivebench" / "efficiency.json").read_text())["tokens_per_s"] > 0

@@ -64,7 +64,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       replay_only=False,
     )
   )
-  c.efficiency = ml_collections.ConfigDict(dict(enabled=True, new_tokens=32))
+  # presets: comma-separated preset names (e.g. "1B,2B,8B") measured too, random-init and sharded
+  # over the mesh, as efficiency-only rows of Table 1.
+  c.efficiency = ml_collections.ConfigDict(
+    dict(enabled=True, new_tokens=32, presets="", dtype="bfloat16")
+  )
   c.report = ml_collections.ConfigDict(dict(compare_workdirs=""))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding_rules = ()

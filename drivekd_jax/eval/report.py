@@ -47,14 +47,18 @@ PANELS = (("perception", "P"), ("reasoning", "R"), ("planning", "Pl"), ("average
 
 @dataclasses.dataclass(frozen=True)
 class ModelResult:
-  """One evaluated model: its scores per setting (`scores.json` dicts) and its efficiency."""
+  """One evaluated model: its scores per setting (`scores.json` dicts) and its efficiency.
+
+  A model measured for efficiency only (e.g. a random-init preset) has no scores."""
 
   name: str
   scores: Mapping[str, Mapping[str, Any]]
   efficiency: Efficiency | None = None
 
   @property
-  def headline_setting(self) -> str:
+  def headline_setting(self) -> str | None:
+    if not self.scores:
+      return None
     return "clean" if "clean" in self.scores else next(iter(self.scores))
 
 
@@ -76,14 +80,14 @@ def table1_markdown(models: Sequence[ModelResult]) -> str:
   ]
   for model in models:
     setting = model.headline_setting
-    scores = model.scores[setting]
+    scores = model.scores[setting] if setting else {}
     eff = model.efficiency
     memory = "-"
     if eff is not None:
       memory = f"{eff.memory_gb:.3g}" + ("*" if eff.memory_source == "live_arrays" else "")
     cells = [
       model.name,
-      setting,
+      setting or "-",
       *(_number(scores.get(key)) for key, _ in PANELS),
       memory,
       _number(eff and eff.tokens_per_s, 1),

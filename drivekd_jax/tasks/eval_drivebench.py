@@ -23,6 +23,7 @@ from contextlib import ExitStack
 from typing import Any
 
 import jax
+import numpy as np
 from absl import logging
 
 from drivekd_jax.data import sources
@@ -188,6 +189,10 @@ def run(config: Any, workdir: str) -> dict:
       json.dump({"model": loaded.name, **measured.as_dict()}, f, indent=2)
   rows = [report.ModelResult(loaded.name, scores, measured)]
   rows += [_compared(other, settings) for other in _split(config.report.compare_workdirs)]
+  if first_records is not None:
+    prompt = inference.first_prompt(processor, first_records)
+    for preset in _split(config.efficiency.presets):
+      rows.append(_preset_efficiency(config, preset, prompt["input_ids"].shape[0], mesh, rules))
   path = report.write_report(
     os.path.join(workdir, "drivebench"), rows, judge_name=judge_name, notes=[loaded.note]
   )
@@ -196,6 +201,21 @@ def run(config: Any, workdir: str) -> dict:
   if jax.process_index() == 0:
     print(table, flush=True)
   return {"model": loaded.name, "scores": scores, "report": str(path)}
+
+
+def _preset_efficiency(config: Any, preset: str, prompt_tokens: int, mesh, rules):
+  """An efficiency-only row: a random-init preset, born sharded on the mesh (so a model larger
+  than one device is spread over all of them), on a text prompt of the evaluated prompt's length.
+  """
+  entry = ModelEntry(preset=preset, dtype=config.efficiency.dtype)
+  cfg = experiment_lib.model_config(entry)
+  model, _ = experiment_lib.build_model(entry, None, mesh, rules, int(config.seed))
+  ids = np.full((1, prompt_tokens), min(100, cfg.text.vocab_size - 1), np.int32)
+  measured = efficiency.measure_generation(
+    model.language_model, ids, new_tokens=int(config.efficiency.new_tokens)
+  )
+  del model
+  return report.ModelResult(f"{preset} (random init, text prompt)", {}, measured)
 
 
 def _split(text: str) -> list[str]:
