@@ -5,6 +5,10 @@
 Builds the experiment (`train.experiment`: data, student, teachers warmed if asked, step), runs
 `train.loop.train_loop` until `num_steps` or a stop request, then answers the held-out questions
 with the student (and every teacher when `eval.teachers`) and writes `eval_summary.json`.
+A fresh run (no checkpoint yet) first answers them with the untrained student
+(`<workdir>/student_before/`). Last it prints the per-capability accuracy of every model
+answered (`eval.results`: teachers, student before, student after) and writes it to
+`<workdir>/results.json` and `results.md`.
 With `export_dir` set the trained student is also written there in the HF layout.
 A stop request (SIGTERM) saves and returns `{"preempted": True}`; `launch.py` then exits 143.
 """
@@ -22,6 +26,7 @@ from absl import logging
 
 from drivekd_jax.data import pipeline as pipeline_lib
 from drivekd_jax.eval import heldout
+from drivekd_jax.eval import results as results_lib
 from drivekd_jax.models import save_pretrained
 from drivekd_jax.train import checkpoint as ckpt_lib
 from drivekd_jax.train import experiment as experiment_lib
@@ -103,6 +108,8 @@ def run(config: Any, workdir: str) -> dict:
     logging.warning("%s", stop)
     return {"step": 0, "preempted": True, "resumed_from": None, "nonfinite_total": 0, "eval": None}
   _write_config(config, workdir)
+  if settings.eval.after_training:
+    _evaluate_before(exp, workdir)
   result = _distil(exp, workdir)
   if settings.export_dir and not result.preempted:
     export_student(exp, result.state, settings.export_dir, workdir)
@@ -130,7 +137,30 @@ def run(config: Any, workdir: str) -> dict:
       "wall_seconds_before_eval": round(time.time() - started, 1),
     },
   )
+  if jax.process_index() == 0:
+    files = results_lib.run_answer_files(workdir, settings.teacher_order)
+    rows = results_lib.rows_from_answer_files(files)
+    text = results_lib.write_results(
+      workdir,
+      rows,
+      title="Held-out accuracy (%) by capability",
+      notes=[results_lib.SCORING_NOTE, f"{len(exp.data.test_source)} test questions; {workdir}"],
+    )
+    print(text, flush=True)
+    out["results"] = rows
   return out
+
+
+def _evaluate_before(exp: experiment_lib.Experiment, workdir: str) -> None:
+  """Answers the test questions with the initial student, once, before any checkpoint."""
+  folder = os.path.join(workdir, "student_before")
+  if os.path.exists(os.path.join(folder, "eval_summary.json")):
+    return
+  checkpoints = os.path.join(workdir, "checkpoints")
+  if os.path.isdir(checkpoints) and any(p.isdigit() for p in os.listdir(checkpoints)):
+    return  # resumed: the initial student is gone
+  state = exp.distillation.state
+  evaluate_model(exp, exp.student(state), exp.processor, folder, facts={"checkpoint_step": 0})
 
 
 def export_student(exp: experiment_lib.Experiment, state: Any, path: str, workdir: str) -> str:
