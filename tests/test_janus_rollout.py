@@ -24,7 +24,7 @@ from imug_jax.data import synthetic
 from imug_jax.models import image_tokenizer as itok
 from imug_jax.models import protocol
 from imug_jax.models.janus import unified
-from imug_jax.models.janus.generate import generate_image_tokens
+from imug_jax.models.janus.generate import JanusGenerator
 from imug_jax.rollout import runner
 from imug_jax.tts import wrappers
 
@@ -122,20 +122,25 @@ def test_carried_cache_equals_reencoding(bench, janus_and_tokenizer):
 def test_image_turn_is_cfg_generation(janus_and_tokenizer):
   janus, tokenizer = janus_and_tokenizer
   model = _model(janus_and_tokenizer, dataclasses.replace(ROLLOUT, guidance=3.0))
-  history = [protocol.message("user", [protocol.text_item("Paint a red square.")])]
-  got = model.respond(history, "image_only", temperature=0.0)
+  history = [protocol.message("user", [protocol.text_item("Paint the grid.")])]
+  got = itok.read_image(model.respond(history, "image_only", temperature=0.0).image)
   prompt, _ = model.encode_prompt(history, "image_only")
-  codes = generate_image_tokens(
-    janus,
-    np.asarray([prompt]),
-    bos_id=tokenizer.bos_id,
-    boi_id=tokenizer.boi_id,
-    pad_id=tokenizer.pad_id,
-    guidance=3.0,
-  )
-  pixels = np.asarray(janus.vqmodel.decode(codes))[0]
-  want = np.clip((pixels + 1) * 127.5, 0, 255).astype(np.uint8)
-  np.testing.assert_array_equal(itok.read_image(got.image), want)
+  generator = JanusGenerator(janus)
+
+  def image(boi_id):
+    codes = generator.image_tokens(
+      np.asarray([prompt]),
+      bos_id=tokenizer.bos_id,
+      boi_id=boi_id,
+      pad_id=tokenizer.pad_id,
+      guidance=3.0,
+    )
+    pixels = np.asarray(generator.decode(codes))[0]
+    return np.clip((pixels + 1) * 127.5, 0, 255).astype(np.uint8)
+
+  np.testing.assert_array_equal(got, image(tokenizer.boi_id))
+  # The comparison tells apart unconditional rows that lose their <begin_of_image>.
+  assert not np.array_equal(got, image(-1))
 
 
 @pytest.mark.slow
