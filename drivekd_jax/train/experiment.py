@@ -142,8 +142,15 @@ def assemble_distillation(
   tx: DistillOptimizer,
   rng: jax.Array,
   mesh: jax.sharding.Mesh | None = None,
+  parallel_samples: int = 1,
+  remat: str = "none",
 ) -> Distillation:
   """Splits the models, initialises the train state and builds the pure step.
+
+  Models of `ShapeDtypeStruct`s (with shardings) give an abstract state: what `bench.plan`
+  compiles the step from without weights. `parallel_samples` > 1 runs that many single-sample
+  micro-steps at once, one per shard of the mesh's "data" axis; `remat` is what the student's
+  backward keeps (`step.REMAT_POLICIES`).
 
   With a mesh the models must already be sharded (`build_model`): the state is then initialised
   by one jitted program straight into the parameters' shardings (optimizer state alike, the
@@ -164,7 +171,9 @@ def assemble_distillation(
     state = init_state(params, frozen)
   else:
     state_shardings = _train_state_shardings(init_state, params, frozen, tx, mesh)
-    state = jax.jit(init_state, out_shardings=state_shardings)(params, frozen)
+    init = jax.jit(init_state, out_shardings=state_shardings)
+    abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params))
+    state = jax.eval_shape(init, params, frozen) if abstract else init(params, frozen)
     teacher_shardings = tuple(shardings_of(t) for t in teacher_states)
   step_fn = step_lib.make_train_step(
     distill,
@@ -173,6 +182,9 @@ def assemble_distillation(
     teacher_graphdefs=teacher_graphdefs,
     teacher_configs=teacher_configs,
     tx=tx,
+    parallel_samples=parallel_samples,
+    mesh=mesh,
+    remat=remat,
   )
   return Distillation(
     graphdef,

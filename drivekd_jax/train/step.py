@@ -21,6 +21,11 @@ Inside, for each micro-batch of `config.microbatch_size` samples (official: 1), 
      `chain(AGP, MultiSteps(AdamW))` when none is skipped), and the dynamic weights update from
      the window's statistics.
 
+With `parallel_samples=D` > 1 (micro-batch 1), D micro-steps run at once under `jax.vmap`, one
+sample per data-parallel shard, each with its own gradients and its own AGP; the result is the
+sequential one (same drawn orders: sample j's AGP key is the carried key split once per applied
+sample before it) up to float reassociation of the window sum. See `parallel_microsteps`.
+
 Batch (numpy or jax): input_ids, labels, attention_mask, image_mask, positions [B, L],
 pixel_values [B, M, H, W, 3], capability [B] int32, example_mask [B] bool.
 """
@@ -49,6 +54,17 @@ from drivekd_jax.train import state as state_lib
 from drivekd_jax.train.optimizer import tree_select
 
 LOSS_NAMES = ("sup",) + signals_lib.CAPABILITIES
+
+# What each student segment's pullbacks keep from its forward (`jax.checkpoint` policies); the
+# rest is recomputed by every loss row pulled back through the segment. "dots": the products
+# of activations with weights (no batch dimensions), so attention probabilities ([H, L, L] per
+# layer), norms and activations are recomputed; "full": nothing. The head (final norm, LM head,
+# CE over the vocabulary) keeps nothing under either.
+REMAT_POLICIES = {
+  "none": None,
+  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "full": jax.checkpoint_policies.nothing_saveable,
+}
 
 
 def reweighter_for(config: signals_lib.DistillConfig) -> Reweighter:
@@ -155,6 +171,7 @@ class _Plan:
   segments: tuple[tuple[int, int], ...]
   row_reach: tuple[int, ...]
   logits_signal: bool  # a logit-KD signal reads the student logits
+  remat: str = "none"  # see REMAT_POLICIES
 
 
 def _signal_loss(sig: signals_lib.ResolvedSignal, student_out, teacher_out, mb, aux):
@@ -283,10 +300,15 @@ def _weighted_gradients(plan: _Plan, params, frozen, mb, teacher_outs, mixing, w
     mixed, raw, mix_eff = _capability_losses(plan, out, mb, teacher_outs, mixing, p["aux"])
     return jnp.stack(mixed), (jnp.stack(raw), jnp.stack(mix_eff))
 
+  policy = REMAT_POLICIES[plan.remat]
+  if plan.remat != "none":
+    head = jax.checkpoint(head, policy=REMAT_POLICIES["full"])
   pullbacks, signal_pullbacks, signals, outputs = [], {}, [], []
   x = None
   for index in range(len(plan.segments)):
     run = segment(index)
+    if plan.remat != "none":
+      run = jax.checkpoint(run, policy=policy)
     x_in = x
     if x_in is None:
       (x, sig), pullback = jax.vjp(lambda p, run=run: run(p, None), params)
@@ -397,6 +419,9 @@ def make_train_step(
   teacher_graphdefs: Sequence[Any],
   teacher_configs: Sequence[InternVLConfig],
   tx: optimizer_lib.DistillOptimizer,
+  parallel_samples: int = 1,
+  mesh: jax.sharding.Mesh | None = None,
+  remat: str = "none",
 ) -> Callable[..., tuple[state_lib.TrainState, dict[str, jax.Array]]]:
   """Builds the pure Drive-KD step.
 
@@ -409,6 +434,12 @@ def make_train_step(
     tx: the `DistillOptimizer` (`make_optimizer`, or the trainer's `build_distill_optimizer`
       with AGP as the combiner); its accumulation must equal `config.grad_accum_steps`. The
       combiner receives the extra argument `capability_active` (bool `[K]`).
+    parallel_samples: D, micro-batches run at once (`parallel_microsteps`); 1 is the
+      sequential scan. D > 1 needs `microbatch_size` 1 and AGP (or no combiner state) and D
+      dividing every run of micro-batches between window boundaries.
+    mesh: with D > 1, the D samples of a group are placed one per shard of its "data" axis
+      (whose size should be D).
+    remat: what the student's backward keeps ("none", "dots", "full"; `REMAT_POLICIES`).
 
   Returns:
     `step(state, batch, rng, teacher_states) -> (state, metrics)`; `teacher_states` is a tuple
@@ -428,6 +459,15 @@ def make_train_step(
     raise ValueError(
       f"the optimizer accumulates {tx.accumulation} micro-steps but "
       f"config.grad_accum_steps={config.grad_accum_steps}"
+    )
+  if parallel_samples < 1:
+    raise ValueError(f"parallel_samples={parallel_samples} must be >= 1")
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat={remat!r}: expected one of {tuple(REMAT_POLICIES)}")
+  if parallel_samples > 1 and config.microbatch_size != 1:
+    raise ValueError(
+      f"parallel_samples={parallel_samples} runs per-sample AGP in parallel and needs "
+      f"microbatch_size 1, got {config.microbatch_size}"
     )
   t_layers = tuple(c.text.num_layers for c in teacher_configs)
   s_layers = student_config.text.num_layers
@@ -449,6 +489,7 @@ def make_train_step(
     segments=segments,
     row_reach=row_reach,
     logits_signal=any(r.signal.kind == "logit_kl" for r in resolved),
+    remat=remat,
   )
   num_losses = 1 + len(plan.resolved)
   names = ("sup",) + tuple(r.capability for r in plan.resolved)
@@ -497,6 +538,97 @@ def make_train_step(
     }
     return carry, out
 
+  data_parallel = parallel_samples
+  group_sharding = None
+  if mesh is not None and data_parallel > 1:
+    group_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+
+  def parallel_microsteps(carry, group, params, frozen, teacher_states, mixing):
+    """D micro-batches of one sample at once (`group`: leading axis D), equal to D `microstep`s.
+
+    Each sample gets its own gradients and its own AGP (own Gram matrices, own drawn order)
+    under `jax.vmap`, its axis placed on the mesh's "data" axis, so each data shard computes one
+    sample while FSDP/tensor sharding splits the parameters over the rest. The AGP key of sample
+    j is the one the sequential scan would hand it: the carried key split once per applied
+    sample before it (a skipped sample leaves the combiner state, key included, unchanged), so
+    the drawn orders are the sequential ones. Applying needs the sample's loss and gradient to be
+    finite, read here from its own squared gradient norms before AGP runs. The window sum adds
+    the D updates as one reduction over the data axis (float reassociation only); the combiner
+    state, dynamic-weight statistics and skip counters then move as the D steps would in order.
+    """
+    window, rw, skipped, in_row = carry
+    if group_sharding is not None:
+      group = jax.lax.with_sharding_constraint(group, group_sharding)
+    weights = jax.lax.stop_gradient(plan.reweighter.weights(rw))
+
+    def gradients(mb):
+      teacher_outs = _teacher_outputs(plan, teacher_states, mb)
+      vec, stacked, aux = _weighted_gradients(
+        plan, params, frozen, mb, teacher_outs, mixing, weights
+      )
+      return vec, stacked, aux, _slot_sq_norms(stacked)
+
+    vec, stacked, (raw, mix_eff), sq_in = jax.vmap(gradients)(group)
+    active = mix_eff[:, 1:] > 0
+    finite = jnp.all(jnp.isfinite(vec), axis=1) & jnp.all(jnp.isfinite(sq_in), axis=1)
+    valid = jnp.any(group["example_mask"], axis=tuple(range(1, group["example_mask"].ndim)))
+    apply = valid & finite
+    bad = valid & ~finite
+
+    combiner = window.combiner
+    keyed = isinstance(combiner, agp_lib.AGPState)
+    if keyed:
+      chain = [combiner.key]
+      for _ in range(data_parallel):
+        chain.append(jax.random.split(chain[-1])[0])
+      applied_before = jnp.cumsum(apply.astype(jnp.int32)) - apply.astype(jnp.int32)
+      keys = jnp.stack(chain)[applied_before]
+    elif jax.tree.leaves(combiner):
+      raise ValueError(
+        "parallel_samples > 1 needs the AGP combiner (or a stateless one); got state "
+        f"{type(combiner).__name__}"
+      )
+    else:
+      keys = jnp.zeros((data_parallel,), jnp.int32)
+
+    def combine(stacked_one, key, active_one):
+      own = window._replace(combiner=combiner._replace(key=key) if keyed else combiner)
+      return tx.combine(stacked_one, own, params, capability_active=active_one)
+
+    updates, combined = jax.vmap(combine)(stacked, keys, active)
+    sq = combined.sq_norms if keyed else sq_in
+    present = jnp.concatenate([jnp.ones((data_parallel, 1), bool), active], axis=1)
+    raw_norm = jnp.sqrt(sq + 1e-20) / weights / jnp.where(mix_eff > 0, mix_eff, 1.0) / accum
+    for j in range(data_parallel):
+      take = lambda tree, j=j: jax.tree.map(lambda x: x[j], tree)
+      combiner = tree_select(apply[j], take(combined), combiner)
+      new_rw = plan.reweighter.accumulate(rw, raw[j], raw_norm[j], present[j])
+      rw = tree_select(apply[j], new_rw, rw)
+      skipped = skipped + bad[j].astype(jnp.int32)
+      in_row = jnp.where(bad[j], in_row + 1, jnp.where(apply[j], 0, in_row))
+
+    def add(total, update):
+      mask = apply.reshape((data_parallel,) + (1,) * (update.ndim - 1))
+      return total + jnp.sum(jnp.where(mask, update, 0), axis=0).astype(total.dtype)
+
+    # DistillOptimizer.accumulate for D micro-steps at once.
+    window = window._replace(
+      combiner=combiner,
+      accumulated=jax.tree.map(add, window.accumulated, updates),
+      count=window.count + data_parallel,
+      applied=window.applied + jnp.sum(apply.astype(jnp.int32)),
+    )
+    safe = lambda x: jnp.where(apply.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0.0)
+    out = {
+      "applied": apply.astype(jnp.float32),
+      "skipped": bad.astype(jnp.float32),
+      "loss": safe(jnp.sum(weights * vec, axis=1)),
+      "raw": safe(raw),
+      "grad_norm": safe(raw_norm * accum),
+      "weights": jnp.broadcast_to(weights, vec.shape),
+    }
+    return (window, rw, skipped, in_row), out
+
   def chunk(carry, mbs, teacher_states, mixing):
     """A run of micro-batches that no window boundary cuts, then the window check.
 
@@ -506,7 +638,8 @@ def make_train_step(
     same windows.
     """
     params, opt_state, rw, skipped, in_row, frozen = carry
-    body = lambda c, mb: microstep(c, mb, params, frozen, teacher_states, mixing)
+    run = microstep if data_parallel == 1 else parallel_microsteps
+    body = lambda c, mb: run(c, mb, params, frozen, teacher_states, mixing)
     (window, rw, skipped, in_row), out = jax.lax.scan(
       body, (opt_state._replace(inner=None), rw, skipped, in_row), mbs
     )
@@ -525,10 +658,17 @@ def make_train_step(
     n_micro = b // micro
     # Chunks of gcd(micro-batches, accum): every window boundary falls on a chunk end.
     per_chunk = math.gcd(n_micro, accum)
-    split = {
-      k: jnp.asarray(batch[k]).reshape(
-        (n_micro // per_chunk, per_chunk, micro) + tuple(batch[k].shape[1:])
+    if per_chunk % data_parallel:
+      raise ValueError(
+        f"parallel_samples={data_parallel} does not divide the {per_chunk} micro-batches "
+        f"between window boundaries (batch {b}, grad_accum_steps {accum})"
       )
+    # Groups of D micro-batches run at once; D = 1 is the sequential scan.
+    lead = (n_micro // per_chunk, per_chunk)
+    if data_parallel > 1:
+      lead = (n_micro // per_chunk, per_chunk // data_parallel, data_parallel)
+    split = {
+      k: jnp.asarray(batch[k]).reshape(lead + (micro,) + tuple(batch[k].shape[1:]))
       for k in BATCH_KEYS
     }
     mixing = losses.mixing_matrix(config.mixing, config.other_row)
@@ -547,7 +687,7 @@ def make_train_step(
     )
     body = lambda c, mbs: chunk(c, mbs, teacher_states, mixing)
     carry, per_micro = jax.lax.scan(body, carry, split)
-    per_micro = jax.tree.map(lambda x: x.reshape((n_micro,) + x.shape[2:]), per_micro)
+    per_micro = jax.tree.map(lambda x: x.reshape((n_micro,) + x.shape[len(lead) :]), per_micro)
     params, opt_state, rw, skipped, in_row, _ = carry
     new_state = state.replace(
       step=state.step + 1,
