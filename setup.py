@@ -25,6 +25,10 @@ CORE = [
   "matplotlib",
 ]
 
+# The TPU runtime (libtpu from PyPI) of the pinned JAX: compiles for TPU topologies from any
+# machine (`python -m drivekd_jax.bench.plan --topology=v5e:4x4`) and runs on TPU VMs.
+TPU = ["jax[tpu]==0.10.2"]
+
 TEST = [
   "pytest",
   "pytest-xdist",
@@ -45,5 +49,5 @@ setuptools.setup(
   py_modules=["launch"],
   python_requires=">=3.11",
   install_requires=CORE,
-  extras_require={"test": TEST},
+  extras_require={"test": TEST, "tpu": TPU},
 )

@@ -1,0 +1,217 @@
+"""FLOPs, memory traffic and collective bytes of a compiled XLA program, read from its HLO text.
+
+`compiled.cost_analysis()` visits a `while` body once, but a train step is a `lax.scan` over
+micro-batches: its body runs once per micro-batch. Here every computation gets the number of
+times it runs (the product of the `known_trip_count`s of the loops around it), and:
+
+  flops: 2 * output elements * contracted size of every `dot`, and of every `convolution`
+    (output elements * kernel elements per output feature); elementwise work is not counted;
+  traffic: bytes of the operands and outputs of every top-level instruction (fusions, dots,
+    copies, collectives; not parameters, tuples, bitcasts, loops), a stand-in for HBM traffic;
+  collective bytes: the output bytes of all-reduce, all-gather, reduce-scatter, all-to-all and
+    collective-permute (the `-start` of an async pair);
+  roofline_seconds(peak, bandwidth): each top-level instruction takes
+    max(its flops / peak, its traffic / bandwidth), summed over executions.
+
+All figures are per device: an SPMD-partitioned module is the program of one device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+_BYTES = {
+  "pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+  "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
+}  # fmt: skip
+_ARRAY = re.compile(r"\b([a-z]+[0-9]*(?:e[0-9]m[0-9](?:fn|fnuz|b11fnuz)?)?)\[([0-9,]*)\]")
+_HEADER = re.compile(r"^(ENTRY )?%?([\w.\-]+) \(.*\) -> .* \{$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*)$")
+_CALLEE = re.compile(
+  r"\b(calls|body|condition|to_apply|true_computation|false_computation)=%([\w.\-]+)"
+)
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_FREE = {
+  "parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "conditional",
+  "call", "after-all", "partition-id", "replica-id", "opt-barrier", "iota",
+}  # fmt: skip
+
+
+def array_bytes(shape: str) -> float:
+  """Bytes of every array in an HLO shape string (a tuple counts all its elements)."""
+  total = 0.0
+  for dtype, dims in _ARRAY.findall(shape):
+    size = _BYTES.get(dtype, 1 if dtype.startswith("f8") else 0)
+    total += size * math.prod(int(d) for d in dims.split(",") if d)
+  return total
+
+
+def _dims(shape: str) -> list[int]:
+  found = _ARRAY.search(shape)
+  if not found:
+    return []
+  return [int(d) for d in found.group(2).split(",") if d]
+
+
+def _split_shape(rest: str) -> tuple[str, str]:
+  """(shape, the text after it) of an instruction's right-hand side."""
+  if rest.startswith("("):
+    depth = 0
+    for i, ch in enumerate(rest):
+      depth += {"(": 1, ")": -1}.get(ch, 0)
+      if depth == 0:
+        return rest[: i + 1], rest[i + 1 :].lstrip()
+  shape, _, tail = rest.partition(" ")
+  return shape, tail
+
+
+@dataclasses.dataclass
+class _Instruction:
+  name: str
+  shape: str
+  opcode: str
+  operands: list[str]
+  attrs: str
+
+
+@dataclasses.dataclass
+class HloStats:
+  """Per-device totals of one execution of the program (see the module docstring)."""
+
+  flops: float
+  traffic_bytes: float
+  collective_bytes: float
+  collective_bytes_by_kind: dict[str, float]
+  unknown_trip_counts: int
+  # (flops, traffic bytes, executions) of every top-level instruction, for the roofline.
+  ops: list[tuple[float, float, float]]
+
+  def roofline_seconds(self, peak_flops: float, bandwidth: float) -> float:
+    return sum(n * max(f / peak_flops, b / bandwidth) for f, b, n in self.ops)
+
+
+def _parse(text: str) -> tuple[dict[str, list[_Instruction]], str]:
+  computations: dict[str, list[_Instruction]] = {}
+  entry, current = "", None
+  for line in text.splitlines():
+    header = _HEADER.match(line)
+    if header:
+      current = header.group(2)
+      computations[current] = []
+      if header.group(1):
+        entry = current
+      continue
+    if current is None:
+      continue
+    if line.startswith("}"):
+      current = None
+      continue
+    found = _INSTRUCTION.match(line)
+    if not found:
+      continue
+    shape, tail = _split_shape(found.group(2))
+    opcode, _, rest = tail.partition("(")
+    depth, end = 1, len(rest)
+    for i, ch in enumerate(rest):
+      depth += {"(": 1, ")": -1}.get(ch, 0)
+      if depth == 0:
+        end = i
+        break
+    operands = re.findall(r"%([\w.\-]+)", rest[:end])
+    computations[current].append(
+      _Instruction(found.group(1), shape, opcode.strip(), operands, rest[end + 1 :])
+    )
+  if not entry:
+    raise ValueError("HLO text has no ENTRY computation")
+  return computations, entry
+
+
+def _callees(instruction: _Instruction) -> list[tuple[str, str]]:
+  """(role, computation) pairs an instruction calls."""
+  called = _CALLEE.findall(instruction.attrs)
+  for group in _BRANCHES.findall(instruction.attrs):
+    called += [("branch", name) for name in re.findall(r"%([\w.\-]+)", group)]
+  return called
+
+
+def _dot_flops(instruction: _Instruction, shapes: dict[str, str]) -> float:
+  out = math.prod(_dims(instruction.shape))
+  if instruction.opcode == "dot":
+    found = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", instruction.attrs)
+    lhs = _dims(shapes.get(instruction.operands[0], ""))
+    contracted = [int(d) for d in found.group(1).split(",") if d] if found else []
+    return 2.0 * out * math.prod(lhs[d] for d in contracted if d < len(lhs))
+  # convolution: each output element takes (kernel elements / output features) products.
+  kernel = _dims(shapes.get(instruction.operands[1], "")) if len(instruction.operands) > 1 else []
+  labels = re.search(r"dim_labels=[^_]*_([^-]*)->", instruction.attrs)
+  if not kernel or not labels or "o" not in labels.group(1):
+    return 0.0
+  # The kernel's input-feature dimension is already per group.
+  return 2.0 * out * math.prod(kernel) / kernel[labels.group(1).index("o")]
+
+
+def analyze(text: str) -> HloStats:
+  """The per-device statistics of an optimized HLO module (`compiled.as_text()`)."""
+  computations, entry = _parse(text)
+  shapes = {i.name: i.shape for body in computations.values() for i in body}
+  runs = dict.fromkeys(computations, 0.0)
+  runs[entry] = 1.0
+  fused: set[str] = set()
+  unknown = 0
+  # A computation is printed before every computation that calls it.
+  for name in reversed(list(computations)):
+    for instruction in computations[name]:
+      trips = 1.0
+      if instruction.opcode == "while":
+        trip = _TRIP.search(instruction.attrs)
+        trips = float(trip.group(1)) if trip else 1.0
+        unknown += trip is None
+      for role, callee in _callees(instruction):
+        if callee not in runs:
+          continue
+        runs[callee] += runs[name] * (trips if role in ("body", "condition") else 1.0)
+        if role in ("calls", "to_apply"):
+          fused.add(callee)
+
+  def inner_flops(name: str) -> float:
+    total = 0.0
+    for instruction in computations[name]:
+      if instruction.opcode in ("dot", "convolution"):
+        total += _dot_flops(instruction, shapes)
+      for role, callee in _callees(instruction):
+        if role == "calls" and callee in computations:
+          total += inner_flops(callee)
+    return total
+
+  flops = traffic = collective = 0.0
+  by_kind = dict.fromkeys(COLLECTIVES, 0.0)
+  ops = []
+  for name, body in computations.items():
+    if name in fused or not runs[name]:
+      continue
+    n = runs[name]
+    for instruction in body:
+      op = instruction.opcode
+      if op in _FREE or op.endswith("-done"):
+        continue
+      op_flops = _dot_flops(instruction, shapes) if op in ("dot", "convolution") else 0.0
+      for role, callee in _callees(instruction):
+        if role == "calls" and callee in computations:
+          op_flops += inner_flops(callee)
+      kind = op.removesuffix("-start")
+      out_bytes = array_bytes(instruction.shape)
+      if kind in COLLECTIVES:
+        if op.endswith("-start") and instruction.shape.startswith("("):
+          # async pairs carry (operands, results, ...): the largest array is the result
+          out_bytes = max(array_bytes(f"{t}[{d}]") for t, d in _ARRAY.findall(instruction.shape))
+        by_kind[kind] += n * out_bytes
+        collective += n * out_bytes
+      in_bytes = sum(array_bytes(shapes.get(o, "")) for o in instruction.operands)
+      flops += n * op_flops
+      traffic += n * (in_bytes + out_bytes)
+      ops.append((op_flops, in_bytes + out_bytes, n))
+  return HloStats(flops, traffic, collective, by_kind, unknown, ops)

@@ -1,0 +1,109 @@
+"""The planning tool: HLO statistics with loop trip counts, and the AOT-compiled step's report."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from drivekd_jax.bench import hlo_stats
+from drivekd_jax.train import sharding as sharding_lib
+
+
+def _scan_matmuls(steps):
+  def f(w, xs):
+    return jax.lax.scan(lambda c, x: (c, jnp.tanh(x @ w).sum()), 0.0, xs)[1]
+
+  args = (
+    jax.ShapeDtypeStruct((64, 48), jnp.float32),
+    jax.ShapeDtypeStruct((steps, 32, 64), jnp.float32),
+  )
+  return jax.jit(f).lower(*args).compile()
+
+
+def test_flops_count_every_iteration_of_a_scan():
+  stats = hlo_stats.analyze(_scan_matmuls(5).as_text())
+  assert stats.flops == 5 * 2 * 32 * 64 * 48
+  assert stats.unknown_trip_counts == 0
+  # the weight is read once per iteration at least
+  assert stats.traffic_bytes >= 5 * 64 * 48 * 4
+
+
+def test_convolution_flops():
+  x = jax.ShapeDtypeStruct((2, 28, 28, 3), jnp.float32)
+  k = jax.ShapeDtypeStruct((14, 14, 3, 16), jnp.float32)
+  conv = lambda x, k: jax.lax.conv_general_dilated(
+    x, k, (14, 14), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
+  stats = hlo_stats.analyze(jax.jit(conv).lower(x, k).compile().as_text())
+  assert stats.flops == 2 * (2 * 2 * 2 * 16) * (14 * 14 * 3)
+
+
+def test_collective_bytes_of_an_all_reduce():
+  mesh = sharding_lib.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
+  x = jax.ShapeDtypeStruct((8, 1024), jnp.float32, sharding=NamedSharding(mesh, P("data")))
+  total = jax.jit(lambda x: jnp.sum(x, axis=0), out_shardings=NamedSharding(mesh, P()))
+  stats = hlo_stats.analyze(total.lower(x).compile().as_text())
+  assert stats.collective_bytes >= 1024 * 4
+  assert (
+    stats.collective_bytes_by_kind["all-reduce"]
+    + stats.collective_bytes_by_kind["reduce-scatter"]
+    + stats.collective_bytes_by_kind["all-gather"]
+    >= 1024 * 4
+  )
+
+
+def _run_plan(*args):
+  cmd = [
+    sys.executable,
+    "-m",
+    "drivekd_jax.bench.plan",
+    "--config=configs/drivekd/demo.py",
+    "--json",
+  ]
+  root = Path(__file__).resolve().parent.parent
+  out = subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=1800, cwd=root)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _check_report(report):
+  d = report["per_device"]
+  for key in ("argument_bytes", "output_bytes", "temp_bytes", "hbm_bytes", "flops"):
+    assert d[key] > 0, key
+  assert report["flops_per_step"] == pytest.approx(d["flops"] * report["devices"])
+  assert report["compile_seconds"] > 0 and report["est_step_seconds"] > 0
+  assert 0 < report["est_mfu"] <= 1
+  # The step's HLO FLOPs against the XLA cost analysis that sees each loop body once: the
+  # micro-batch scan makes ours larger.
+  assert d["flops"] > report["xla_cost_analysis_flops"] * 0.5
+  assert report["unknown_trip_counts"] == 0
+
+
+@pytest.mark.slow
+def test_plan_compiles_the_demo_step_on_this_cpu():
+  report = _run_plan("--topology=cpu", "--config.mesh.data=1", "--config.mesh.fsdp=-1")
+  assert report["devices"] == len(jax.devices("cpu"))
+  assert report["mesh"]["fsdp"] == report["devices"]
+  _check_report(report)
+  assert np.isfinite(report["collective_bytes"]) and report["collective_bytes"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+  importlib.util.find_spec("libtpu") is None,
+  reason='the TPU compiler (libtpu) is not installed: pip install -e ".[tpu]"',
+)
+def test_plan_compiles_the_demo_step_for_a_tpu_slice():
+  report = _run_plan("--topology=v5e:2x2", "--config.mesh.data=1", "--config.mesh.fsdp=-1")
+  assert report["devices"] == 4 and report["device_kind"] == "TPU v5 lite"
+  assert report["per_device"]["hbm_bytes"] == 16 * 1024**3
+  assert report["per_device"]["fits"]
+  _check_report(report)
