@@ -7,14 +7,13 @@ must equal a single-process run over 8 local devices on the same global batches.
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from _checkout import REPO, checkout_env
 
 WORKER = r"""
 import os, sys
@@ -51,15 +50,14 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
-  repo = Path(__file__).resolve().parents[1]
   port = _free_port()
-  env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+  env = checkout_env()  # the workers import this checkout's code
   env.pop("XLA_FLAGS", None)
   workdir = tmp_path / "two"
   procs = [
     subprocess.Popen(
       [sys.executable, "-c", WORKER, str(port), str(pid), str(workdir)],
-      cwd=repo,
+      cwd=REPO,
       env=env,
       stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT,
