@@ -35,6 +35,9 @@ TEST = [
   "ruff",
   "torch==2.13.0",
   "transformers>=5",
+  "nbclient",
+  "nbformat",
+  "ipykernel",
 ]
 
 setuptools.setup(

@@ -169,7 +169,7 @@ def test_write_results_files(tmp_path):
 
 
 def test_arms_switch_only_the_distillation_losses():
-  assert comparison.arm_overrides("sft") == {"capabilities": ()}
+  assert comparison.arm_overrides("sft")["capabilities"] == ()
   assert comparison.arm_overrides("single/reasoning") == {"capabilities": ("reasoning",)}
   assert comparison.arm_overrides("multi/sum") == {
     "capabilities": ("perception", "reasoning", "planning"),

@@ -3,7 +3,7 @@
 Arms (every one trains the same student on the same data, steps and seeds; they differ only in
 the distillation losses switched on, `arm_overrides`):
 
-  sft                  supervised fine-tuning only (CE; no capability loss)
+  sft                  supervised fine-tuning only (CE; no capability loss, nothing to combine)
   single/<capability>  CE + that capability's attention loss from its teacher
   multi/sum            CE + the three capability losses, gradients summed (official --no-agp)
   multi/agp            CE + the three capability losses, combined by AGP (the official mode)
@@ -40,7 +40,10 @@ ARMS = (
 def arm_overrides(arm: str) -> dict[str, Any]:
   """The `config.distill` fields of an arm (module docstring); everything else is shared."""
   if arm == "sft":
-    return {"capabilities": ()}
+    # With no capability loss the combiner sees the CE gradient alone and leaves it as it is;
+    # "pcgrad" keeps a [1] order state where "agp" would keep a [0] one, which Orbax refuses
+    # to checkpoint ("Cannot save arrays with zero size").
+    return {"capabilities": (), "agp_mode": "pcgrad"}
   kind, _, detail = arm.partition("/")
   if kind == "single" and detail in CAPABILITIES:
     return {"capabilities": (detail,)}
@@ -118,12 +121,19 @@ def agp_totals(curves: Mapping[str, Sequence[tuple[int, float]]]) -> dict[str, f
 
 
 def table_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict]:
-  """Rows for `results.markdown_table` with the intervals as extra columns."""
+  """Rows for `results.markdown_table`: "mean [low, high]" (percent) per capability and average,
+  and the number of seeds."""
   out = []
   for row in rows:
-    flat = {k: row.get(k) for k in ("model", *CAPABILITIES, "average")}
-    for key, interval in row.get("ci", {}).items():
-      flat[f"{key} 95% CI"] = tuple(interval)
+    flat: dict[str, Any] = {"model": row["model"], "seeds": row.get("seeds")}
+    for key in (*CAPABILITIES, "average"):
+      value, interval = row.get(key), row.get("ci", {}).get(key)
+      if value is None:
+        flat[key] = None
+      elif interval is None:
+        flat[key] = f"{100 * value:.1f}"
+      else:
+        flat[key] = f"{100 * value:.1f} [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
     out.append(flat)
   return out
 
