@@ -96,6 +96,8 @@ def topology_devices(topology: str) -> list:
     return jax.devices("cpu")
   from jax.experimental import topologies
 
+  # Compiling only: several planners (and a test run) may load the TPU library at once.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     return list(topologies.get_topology_desc(topology, "tpu").devices)
   except Exception as error:  # the TPU runtime library is an optional extra
@@ -283,11 +285,11 @@ def format_table(report: dict) -> str:
     ("slice: collective bytes", f"{report['collective_bytes']:.3e}"),
     (
       "est. step time",
-      f"{report['est_step_seconds']:.3f} s (compute/memory {report['est_compute_seconds']:.3f}"
-      f" + collectives {report['est_collective_seconds']:.3f})",
+      f"{report['est_step_seconds']:.4g} s (compute/memory {report['est_compute_seconds']:.4g}"
+      f" + collectives {report['est_collective_seconds']:.4g})",
     ),
     ("est. MFU", f"{100 * report['est_mfu']:.1f} %"),
-    ("est. samples / s", f"{report['est_samples_per_second']:.2f}"),
+    ("est. samples / s", f"{report['est_samples_per_second']:.4g}"),
   ]
   width = max(len(k) for k, _ in rows)
   return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
