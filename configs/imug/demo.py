@@ -17,7 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict()
   config.data.source = "synthetic"  # Written to <workdir>/benchmark.
   config.data.release_dir = ""
-  config.data.num_samples = 8
+  config.data.num_samples = 24  # Held-out samples evaluated.
   config.data.seed = 0
   config.data.max_samples = 0
   # The train split: the same generator with another seed, written to <workdir>/train_benchmark.

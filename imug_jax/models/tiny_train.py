@@ -34,6 +34,7 @@ from imug_jax.models.tiny import TinyUnifiedModel
 from imug_jax.rollout.runner import user_message
 
 LOG_EVERY = 50
+LENGTH_QUANTUM = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,16 +127,21 @@ def train(
   rng = np.random.default_rng(config.seed)
   params, losses = model.params, []
   for _ in range(config.steps):
-    tokens = np.full((config.batch_size, config.max_length), -1, np.int32)
-    mask = np.zeros((config.batch_size, config.max_length), bool)
-    for row in range(config.batch_size):
+    rows = []
+    for _ in range(config.batch_size):
       if images and rng.random() < config.unconditional_fraction:
         ids, supervised = unconditional_example(
           model, images[rng.integers(len(images))].read_bytes()
         )
       else:
         ids, supervised = examples[rng.integers(len(examples))]
-      ids, supervised = ids[: config.max_length], supervised[: config.max_length]
+      rows.append((ids[: config.max_length], supervised[: config.max_length]))
+    # Padded to a multiple of 256 (at most max_length): a few compiled shapes, little padding.
+    longest = max(len(ids) for ids, _ in rows)
+    length = min(config.max_length, -(-longest // LENGTH_QUANTUM) * LENGTH_QUANTUM)
+    tokens = np.full((config.batch_size, length), -1, np.int32)
+    mask = np.zeros((config.batch_size, length), bool)
+    for row, (ids, supervised) in enumerate(rows):
       tokens[row, : len(ids)], mask[row, : len(ids)] = ids, supervised
     params, opt_state, loss = step(params, opt_state, jnp.asarray(tokens), jnp.asarray(mask))
     losses.append(float(loss))
