@@ -114,6 +114,8 @@ def test_carried_cache_equals_reencoding(bench, janus_and_tokenizer):
         a = np.asarray(cache_a[layer][0][:, carried.slots[:shared]])
         b = np.asarray(cache_b[layer][0][:, fresh.slots[:shared]])
         np.testing.assert_allclose(a, b, atol=CACHE_TOL, rtol=0)
+    # Between calls the unconditional row holds nothing: each image turn rebuilds it.
+    assert not np.asarray(carried.cache.key_mask[1]).any()
     history.append(protocol.assistant_message(got))
   assert reused[0] == 0 and all(r > 0 for r in reused[1:])
 
