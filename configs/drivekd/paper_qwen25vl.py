@@ -47,15 +47,25 @@ def _parse(arg: str) -> tuple[str, str]:
 
 
 def _tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A CPU-sized run on synthetic data: tiny Qwen2.5-VL student and a wider, deeper teacher."""
+  """A CPU-sized run on synthetic data: tiny Qwen2.5-VL student and a wider, deeper teacher,
+  the teacher warmed with plain CE first; the student and the teacher answer the held-out
+  questions after training. The trained BPE gets Qwen2.5-VL's image tokens appended
+  (`data.processor.tokenizer_for`)."""
   c.num_steps = 20
   c.data.source = "synthetic"
   c.data.synthetic.num_train_frames = 8
   c.data.synthetic.num_test_frames = 2
-  c.data.synthetic.image_size = 56  # 2x2 image tokens per view
+  c.data.synthetic.image_size = 56  # views stay 56 px (smart_resize): 2x2 image tokens each
+  c.data.synthetic.questions = "grounded"
+  c.data.train = ml_collections.ConfigDict(
+    dict(kind="drivekd_qa", dir="", config="", split="train", builder_kwargs={})
+  )
+  c.data.test = ml_collections.ConfigDict(
+    dict(kind="drivekd_qa", dir="", config="", split="test", builder_kwargs={})
+  )
   c.data.vocab_size = 512
   c.data.batch_size = 2
-  c.data.buckets = (320,)
+  c.data.buckets = (96,)  # the grounded examples are 60-80 tokens: one compilation
   c.data.overlong = "truncate"
   c.student.preset = "qwen2.5-vl-tiny"
   c.student.checkpoint = ""
@@ -66,7 +76,10 @@ def _tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     "qwen2.5-vl-tiny", num_layers=3, hidden_size=96, num_heads=6, intermediate_size=192
   )
   c.distill.grad_accum_steps = 2
+  c.teacher_warmup.steps = 20
+  c.teacher_warmup.log_every = 10
   c.eval.batch_size = 2
+  c.eval.teachers = True
   c.eval.max_new_tokens = 8
   c.checkpoint.every_steps = 20
   return c

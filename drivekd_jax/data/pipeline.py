@@ -30,7 +30,14 @@ import grain
 import jax
 import numpy as np
 
-from drivekd_jax.data.processor import CAPABILITY_IDS, IGNORE_INDEX, Processor, record_where
+from drivekd_jax.data.batch import BATCH_KEYS
+from drivekd_jax.data.processor import (
+  CAPABILITY_IDS,
+  IGNORE_INDEX,
+  Processor,
+  record_where,
+  text_positions,
+)
 
 Example = dict[str, np.ndarray]
 Batch = dict[str, np.ndarray]
@@ -128,14 +135,18 @@ def collate(
   max_images: int,
   pad_id: int,
   image_shape: tuple[int, int, int],
+  positions_fn: Callable[[np.ndarray, np.ndarray], np.ndarray] = text_positions,
 ) -> Batch:
   """Pads processed examples to one bucket and stacks them into a training batch.
 
+  `positions_fn(image_mask, attention_mask)` gives the RoPE positions from the padded masks
+  (`Processor.batch_positions`: the model family's).
+
   Returns:
     input_ids int32 [B, L] (pad_id after the end), labels int32 [B, L] (-100 after the end),
-    attention_mask bool [B, L], image_mask bool [B, L], positions int32 [B, L] (0..n-1 over the
-    n real tokens, 0 after), pixel_values float32 [B, M, S, S, 3], capability int32 [B],
-    example_mask bool [B].
+    attention_mask bool [B, L], image_mask bool [B, L], positions int32 [B, L] (default: 0..n-1
+    over the n real tokens, 0 after; Qwen2.5-VL's M-RoPE [B, 3, L]), pixel_values float32
+    [B, M, S, S, 3], capability int32 [B], example_mask bool [B].
   """
   length = select_bucket(max(len(ex["input_ids"]) for ex in examples), buckets)
   batch_size = len(examples)
@@ -144,7 +155,6 @@ def collate(
     "labels": np.full((batch_size, length), IGNORE_INDEX, np.int32),
     "attention_mask": np.zeros((batch_size, length), bool),
     "image_mask": np.zeros((batch_size, length), bool),
-    "positions": np.zeros((batch_size, length), np.int32),
     "pixel_values": np.zeros((batch_size, max_images, *image_shape), np.float32),
     "capability": np.zeros((batch_size,), np.int32),
     "example_mask": np.zeros((batch_size,), bool),
@@ -155,18 +165,19 @@ def collate(
     batch["labels"][row, :n] = example["labels"]
     batch["attention_mask"][row, :n] = example["attention_mask"]
     batch["image_mask"][row, :n] = example["image_mask"]
-    batch["positions"][row, :n] = np.arange(n, dtype=np.int32)
     pixels = example["pixel_values"]
     if pixels.shape[0] > max_images:
       raise ValueError(f"an example has {pixels.shape[0]} image tiles, above max_images")
     batch["pixel_values"][row, : pixels.shape[0]] = pixels
     batch["capability"][row] = example["capability"]
     batch["example_mask"][row] = example.get("example_mask", True)
-  return batch
+  batch["positions"] = positions_fn(batch["image_mask"], batch["attention_mask"])
+  return {key: batch[key] for key in BATCH_KEYS}
 
 
 def pad_batch_length(batch: Mapping[str, np.ndarray], length: int, pad_id: int) -> Batch:
-  """Right-pads the [B, L] fields of a batch to a longer `length`."""
+  """Right-pads the [B, L] fields (and [B, 3, L] M-RoPE positions) of a batch to a longer
+  `length`."""
   current = batch["input_ids"].shape[1]
   if length < current:
     raise ValueError(f"cannot pad a batch of length {current} down to {length}")
@@ -181,7 +192,8 @@ def pad_batch_length(batch: Mapping[str, np.ndarray], length: int, pad_id: int) 
   }
   out = dict(batch)
   for key, value in fill.items():
-    out[key] = np.pad(batch[key], ((0, 0), (0, length - current)), constant_values=value)
+    widths = [(0, 0)] * (batch[key].ndim - 1) + [(0, length - current)]
+    out[key] = np.pad(batch[key], widths, constant_values=value)
   return out
 
 
@@ -304,6 +316,7 @@ class TrainingPipeline:
       max_images=self.config.max_images,
       pad_id=self.processor.tokenizer.pad_id,
       image_shape=self._image_shape,
+      positions_fn=self.processor.batch_positions,
     )
 
   def _num_examples(self) -> int:

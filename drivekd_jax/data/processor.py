@@ -1,4 +1,4 @@
-"""InternVL3 image preprocessing, chat template and the Drive-KD training-input construction.
+"""InternVL3 / Qwen2.5-VL image preprocessing, chat template and the Drive-KD training inputs.
 
 Images (reference: InternVL `load_image` / `dynamic_preprocess`):
   RGB -> bicubic resize to `image_size`^2 -> /255 -> ImageNet mean/std, NHWC float32. With dynamic
@@ -15,6 +15,13 @@ Text (reference: Drive-KD `qa_loader.py`; InternVL `conversation.py` template `i
   message has a placeholder, one per image is prefixed to the first user message. The text
   between image blocks is tokenised chunk by chunk (no BOS). The student and every teacher share
   the tokenizer, so they see the identical token sequence by construction.
+
+Qwen2.5-VL (`ProcessorConfig.family="qwen2.5-vl"`, `Processor.for_model` of a `Qwen25VLConfig`):
+the same chat turns; an image is one bicubic resize to a fixed `image_size`^2 square (a
+multiple of patch x merge = 28 px, so every slot of the `[B, M, S, S, 3]` layout has one shape),
+/255, CLIP mean/std, and its block is `<|vision_start|>` + (S/28)^2 `<|image_pad|>` +
+`<|vision_end|>`. Its batches carry M-RoPE positions `[B, 3, L]` (`Processor.batch_positions`,
+the model's own `mrope_positions`), InternVL's `[B, L]`.
 """
 
 from __future__ import annotations
@@ -26,20 +33,27 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 import PIL.Image
 
 from drivekd_jax.data.tokenizer import (
   IM_END,
   IM_START,
+  IMAGE_TOKENS,
   IMG_CONTEXT,
   IMG_END,
   IMG_START,
   Tokenizer,
 )
+from drivekd_jax.models.qwen25_vl import Qwen25VLConfig, mrope_positions
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+OPENAI_CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+OPENAI_CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+# Image side of Qwen2.5-VL training images: 448 px squares give 256 tokens, as InternVL3's tiles.
+QWEN25_VL_IMAGE_SIZE = 448
 IMAGE_PLACEHOLDER = "<image>"
 IGNORE_INDEX = -100
 
@@ -83,13 +97,17 @@ def resize_bicubic(image: PIL.Image.Image, width: int, height: int) -> PIL.Image
   return image.resize((width, height), resample=PIL.Image.Resampling.BICUBIC)
 
 
-def normalize(image: PIL.Image.Image | np.ndarray) -> np.ndarray:
-  """uint8 RGB `[H, W, 3]` -> float32 `[H, W, 3]`: /255, then ImageNet mean/std.
+def normalize(
+  image: PIL.Image.Image | np.ndarray,
+  mean: np.ndarray = IMAGENET_MEAN,
+  std: np.ndarray = IMAGENET_STD,
+) -> np.ndarray:
+  """uint8 RGB `[H, W, 3]` -> float32 `[H, W, 3]`: /255, then mean/std (ImageNet by default).
 
   The same float32 operations as torchvision's ToTensor + Normalize.
   """
   pixels = np.asarray(image, dtype=np.uint8).astype(np.float32) / np.float32(255.0)
-  return (pixels - IMAGENET_MEAN) / IMAGENET_STD
+  return (pixels - mean) / std
 
 
 def candidate_grids(max_num: int, min_num: int = 1) -> list[tuple[int, int]]:
@@ -151,9 +169,15 @@ def tile_image(
 
 
 def preprocess_image(
-  image: ImageLike, *, image_size: int = 448, max_tiles: int = 1, use_thumbnail: bool = True
+  image: ImageLike,
+  *,
+  image_size: int = 448,
+  max_tiles: int = 1,
+  use_thumbnail: bool = True,
+  mean: np.ndarray = IMAGENET_MEAN,
+  std: np.ndarray = IMAGENET_STD,
 ) -> np.ndarray:
-  """One image -> float32 `[num_tiles, image_size, image_size, 3]`, normalised.
+  """One image -> float32 `[num_tiles, image_size, image_size, 3]`, normalised by mean/std.
 
   `max_tiles=1` is Drive-KD's single bicubic resize (no aspect ratio kept, no thumbnail).
   """
@@ -163,7 +187,7 @@ def preprocess_image(
   else:
     tiles = tile_image(pil, image_size=image_size, max_num=max_tiles, use_thumbnail=use_thumbnail)
   # A tile is already image_size^2; the reference's per-tile Resize is then the identity.
-  return np.stack([normalize(tile) for tile in tiles]).astype(np.float32)
+  return np.stack([normalize(tile, mean, std) for tile in tiles]).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -235,6 +259,9 @@ class ProcessorConfig:
     system_message: None (Drive-KD code) or a system prompt placed before the user turn.
     camera_labels: when images are prefixed to a question without placeholders, write
       "CAM_FRONT: <image>\\n" per image instead of Drive-KD's bare "<image><image>...".
+    family: the model family of `tokenizer.IMAGE_TOKENS` ("internvl" or "qwen2.5-vl"): its
+      image tokens, normalisation and positions.
+    patch_size, merge_size: Qwen2.5-VL's vision patch and spatial merge (its M-RoPE grid).
   """
 
   image_size: int = 448
@@ -243,6 +270,22 @@ class ProcessorConfig:
   use_thumbnail: bool = True
   system_message: str | None = None
   camera_labels: bool = False
+  family: str = "internvl"
+  patch_size: int = 14
+  merge_size: int = 2
+
+  def __post_init__(self):
+    if self.family not in IMAGE_TOKENS:
+      raise ValueError(f"family={self.family!r}: expected one of {', '.join(IMAGE_TOKENS)}")
+    if self.family == "qwen2.5-vl":
+      factor = self.patch_size * self.merge_size
+      if self.max_tiles != 1:
+        raise ValueError(f"max_tiles={self.max_tiles}: Qwen2.5-VL images are not tiled (use 1)")
+      if self.image_size % factor or self.tokens_per_image != (self.image_size // factor) ** 2:
+        raise ValueError(
+          f"Qwen2.5-VL image_size {self.image_size} must be a multiple of {factor} px with "
+          f"tokens_per_image (image_size/{factor})^2, got {self.tokens_per_image}"
+        )
 
 
 def capability_id(capability: str | int | bytes, *, where: str = "") -> int:
@@ -266,42 +309,100 @@ def record_text(value: Any) -> str:
   return str(value)
 
 
+def text_positions(image_mask: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+  """int32 `[B, L]`: 0..n-1 over each row's n real tokens, 0 after (InternVL's 1-D RoPE)."""
+  del image_mask
+  attention = np.asarray(attention_mask, bool)
+  return np.where(attention, np.cumsum(attention, axis=1) - 1, 0).astype(np.int32)
+
+
+def model_family(model_config) -> str:
+  """The `tokenizer.IMAGE_TOKENS` family of a model config."""
+  return "qwen2.5-vl" if isinstance(model_config, Qwen25VLConfig) else "internvl"
+
+
+def tokenizer_for(tokenizer: Tokenizer, family: str) -> Tokenizer:
+  """The tokenizer a model of `family` reads: `tokenizer` with the family's image tokens
+  (appended when missing, `Tokenizer.with_special_tokens`)."""
+  return tokenizer.with_special_tokens(IMAGE_TOKENS[family])
+
+
 class Processor:
   """Turns chat samples (messages + images) into the processed examples the pipeline batches.
 
   A processed example (numpy, one sample):
     input_ids int32 `[L]`; labels int32 `[L]` (unshifted, -100 where unsupervised);
-    attention_mask bool `[L]` (all True); image_mask bool `[L]` (True at `<IMG_CONTEXT>`);
-    pixel_values float32 `[M, S, S, 3]` (M tiles in order of appearance);
-    capability int32 `[]`.
+    attention_mask bool `[L]` (all True); image_mask bool `[L]` (True at the image tokens,
+    `<IMG_CONTEXT>` / `<|image_pad|>`); pixel_values float32 `[M, S, S, 3]` (M tiles in order
+    of appearance); capability int32 `[]`.
   """
 
   def __init__(self, tokenizer: Tokenizer, config: ProcessorConfig = ProcessorConfig()):
     self.tokenizer = tokenizer
     self.config = config
+    self.image_start, self.image_token, self.image_end = IMAGE_TOKENS[config.family]
+    # Resolved now: a tokenizer without the family's image tokens fails here, naming the token.
+    self.image_token_id = tokenizer.image_token_ids(config.family)[1]
 
   @classmethod
   def for_model(cls, tokenizer: Tokenizer, model_config, **overrides) -> Processor:
-    """A processor matching an `InternVLConfig` (tile size, tokens per tile), checked against it.
+    """A processor matching an `InternVLConfig` (tile size, tokens per tile) or a
+    `Qwen25VLConfig` (square images of `overrides["image_size"]`, default 448 px), checked
+    against it.
 
-    Raises ValueError when the model's `image_token_id` is not the tokenizer's `<IMG_CONTEXT>`
-    id or its vocabulary is smaller than the tokenizer's.
+    Raises ValueError when the model's `image_token_id` is not the tokenizer's image token id
+    (`<IMG_CONTEXT>` / `<|image_pad|>`) or its vocabulary is smaller than the tokenizer's.
     """
-    if model_config.image_token_id != tokenizer.img_context_id:
+    family = model_family(model_config)
+    image_token = IMAGE_TOKENS[family][1]
+    token_id = tokenizer.image_token_ids(family)[1]
+    if model_config.image_token_id != token_id:
       raise ValueError(
-        f"model image_token_id {model_config.image_token_id} != {IMG_CONTEXT} id "
-        f"{tokenizer.img_context_id} of tokenizer {tokenizer.source}"
+        f"model image_token_id {model_config.image_token_id} != {image_token} id "
+        f"{token_id} of tokenizer {tokenizer.source}"
       )
     if model_config.text.vocab_size < tokenizer.vocab_size:
       raise ValueError(
         f"model vocab_size {model_config.text.vocab_size} < {tokenizer.vocab_size} ids of "
         f"tokenizer {tokenizer.source}"
       )
-    settings = dict(
-      image_size=model_config.vision.image_size, tokens_per_image=model_config.tokens_per_image
-    )
+    if family == "qwen2.5-vl":
+      vision = model_config.vision
+      image_size = overrides.pop("image_size", QWEN25_VL_IMAGE_SIZE)
+      factor = vision.patch_size * vision.spatial_merge_size
+      settings = dict(
+        family=family,
+        image_size=image_size,
+        tokens_per_image=(image_size // factor) ** 2,
+        patch_size=vision.patch_size,
+        merge_size=vision.spatial_merge_size,
+      )
+    else:
+      settings = dict(
+        image_size=model_config.vision.image_size, tokens_per_image=model_config.tokens_per_image
+      )
     settings.update(overrides)
     return cls(tokenizer, ProcessorConfig(**settings))
+
+  def batch_positions(self, image_mask: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    """RoPE positions of a right-padded batch (bool `[B, L]` masks): int32 `[B, L]` for
+    InternVL (`text_positions`), M-RoPE `[B, 3, L]` for Qwen2.5-VL, whose image slots all have
+    the grid `(1, S/patch, S/patch)` (the model's `mrope_positions`, run on the host's CPU)."""
+    if self.config.family == "internvl":
+      return text_positions(image_mask, attention_mask)
+    side = self.config.image_size // self.config.patch_size
+    per_image = self.config.tokens_per_image
+    most = int(np.max(np.sum(image_mask, axis=1), initial=0))
+    grids = [(1, side, side)] * max(1, -(-most // per_image))
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+      positions = mrope_positions(
+        np.asarray(image_mask, bool),
+        np.asarray(attention_mask, bool),
+        grids,
+        self.config.merge_size,
+        per_row=True,
+      )
+      return np.asarray(positions, np.int32)
 
   # -- images -------------------------------------------------------------------------------
 
@@ -310,6 +411,7 @@ class Processor:
   ) -> tuple[np.ndarray, list[int]]:
     """Images -> (float32 `[M, S, S, 3]`, tiles per image); unreadable images name their slot."""
     size = self.config.image_size
+    clip = self.config.family == "qwen2.5-vl"
     per_image = []
     for index, image in enumerate(images):
       try:
@@ -318,6 +420,8 @@ class Processor:
           image_size=size,
           max_tiles=self.config.max_tiles,
           use_thumbnail=self.config.use_thumbnail,
+          mean=OPENAI_CLIP_MEAN if clip else IMAGENET_MEAN,
+          std=OPENAI_CLIP_STD if clip else IMAGENET_STD,
         )
       except (OSError, ValueError, TypeError) as error:  # PIL raises OSError for corrupt files
         raise ValueError(
@@ -332,8 +436,8 @@ class Processor:
 
   def _encode_text(self, text: str, where: str) -> np.ndarray:
     ids = self.tokenizer.encode(text)
-    if np.any(ids == self.tokenizer.img_context_id):
-      raise ValueError(f"{where}the text contains {IMG_CONTEXT}, which is reserved for images")
+    if np.any(ids == self.image_token_id):
+      raise ValueError(f"{where}the text contains {self.image_token}, which is reserved for images")
     return ids
 
   def _user_chunks(
@@ -345,13 +449,13 @@ class Processor:
     chunks, is_image = [], []
     text = f"{IM_START}user\n"
     for piece, num_tiles in zip(pieces[:-1], tiles):
-      chunks.append(self._encode_text(text + piece + IMG_START, where))
+      chunks.append(self._encode_text(text + piece + self.image_start, where))
       is_image.append(False)
       chunks.append(
-        np.full(num_tiles * self.config.tokens_per_image, self.tokenizer.img_context_id, np.int32)
+        np.full(num_tiles * self.config.tokens_per_image, self.image_token_id, np.int32)
       )
       is_image.append(True)
-      text = IMG_END
+      text = self.image_end
     chunks.append(self._encode_text(text + pieces[-1] + f"{IM_END}\n", where))
     is_image.append(False)
     return chunks, is_image

@@ -18,11 +18,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from drivekd_jax.data.processor import ImageLike, load_image, resize_bicubic
+from drivekd_jax.data.processor import (
+  OPENAI_CLIP_MEAN,
+  OPENAI_CLIP_STD,
+  ImageLike,
+  load_image,
+  resize_bicubic,
+)
+from drivekd_jax.data.tokenizer import IMAGE_PAD, VISION_END, VISION_START
 from drivekd_jax.models.qwen25_vl import patchify
-
-OPENAI_CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
-OPENAI_CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 
 
 def smart_resize(
@@ -120,11 +124,6 @@ def image_token_counts(image_grid_thw: np.ndarray, merge_size: int = 2) -> list[
   """`<|image_pad|>` tokens per image: t*h*w / merge_size^2."""
   grids = np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
   return [int(t * h * w) // merge_size**2 for t, h, w in grids]
-
-
-VISION_START = "<|vision_start|>"
-IMAGE_PAD = "<|image_pad|>"
-VISION_END = "<|vision_end|>"
 
 
 def image_block(num_tokens: int) -> str:

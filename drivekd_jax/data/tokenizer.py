@@ -1,5 +1,10 @@
 """Tokenizer for InternVL3 / Qwen2.5 models over local files (HF `tokenizers`, no transformers).
 
+Image tokens differ by model family (`IMAGE_TOKENS`): InternVL3 writes an image as
+`<img>` + `<IMG_CONTEXT>`* + `</img>`, Qwen2.5-VL as `<|vision_start|>` + `<|image_pad|>`* +
+`<|vision_end|>`. A tokenizer resolves a family's ids only when asked (`image_token_ids`), so a
+real Qwen2.5-VL tokenizer, which lacks InternVL's tokens, loads.
+
 Two ways to get one:
   * `Tokenizer.from_path(path)` loads a real tokenizer: a `tokenizer.json` file, or a directory
     holding `tokenizer.json` (or the slow layout `vocab.json` + `merges.txt`) together with the
@@ -30,9 +35,18 @@ IM_END = "<|im_end|>"
 IMG_START = "<img>"
 IMG_END = "</img>"
 IMG_CONTEXT = "<IMG_CONTEXT>"
+VISION_START = "<|vision_start|>"
+IMAGE_PAD = "<|image_pad|>"
+VISION_END = "<|vision_end|>"
 
 # Order of the special tokens in a trained tokenizer: ids 0..5.
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, IMG_START, IMG_END, IMG_CONTEXT)
+
+# (start, image token, end) of one image in a prompt, by model family.
+IMAGE_TOKENS = {
+  "internvl": (IMG_START, IMG_CONTEXT, IMG_END),
+  "qwen2.5-vl": (VISION_START, IMAGE_PAD, VISION_END),
+}
 
 # Qwen2's pre-tokenisation split (the same regex the Qwen2 fast tokenizer uses).
 QWEN2_SPLIT_PATTERN = (
@@ -65,7 +79,7 @@ def _token_content(value) -> str | None:
 
 
 class Tokenizer:
-  """A byte-level BPE tokenizer that knows the InternVL3 chat and image tokens.
+  """A byte-level BPE tokenizer that knows the chat tokens and each family's image tokens.
 
   Attributes:
     backend: the underlying `tokenizers.Tokenizer`.
@@ -91,9 +105,44 @@ class Tokenizer:
     self.eos_id = self.token_id(eos_token)
     self.im_start_id = self.token_id(IM_START)
     self.im_end_id = self.token_id(IM_END)
-    self.img_start_id = self.token_id(IMG_START)
-    self.img_end_id = self.token_id(IMG_END)
-    self.img_context_id = self.token_id(IMG_CONTEXT)
+
+  @property
+  def img_start_id(self) -> int:
+    return self.token_id(IMG_START)
+
+  @property
+  def img_end_id(self) -> int:
+    return self.token_id(IMG_END)
+
+  @property
+  def img_context_id(self) -> int:
+    """InternVL's `<IMG_CONTEXT>` id (KeyError naming the tokenizer when it has none)."""
+    return self.token_id(IMG_CONTEXT)
+
+  def image_token_ids(self, family: str) -> tuple[int, int, int]:
+    """(start, image token, end) ids of a family of `IMAGE_TOKENS`; KeyError naming the
+    tokenizer and the token when one is missing."""
+    if family not in IMAGE_TOKENS:
+      raise ValueError(f"unknown model family {family!r}; known: {', '.join(IMAGE_TOKENS)}")
+    start, image, end = (self.token_id(token) for token in IMAGE_TOKENS[family])
+    return start, image, end
+
+  def with_special_tokens(self, tokens: Sequence[str]) -> Tokenizer:
+    """This tokenizer if it holds every token of `tokens`, else a copy with the missing ones
+    appended as special tokens (ids `vocab_size`, `vocab_size + 1`, ... in order).
+
+    How a BPE trained by `train_bpe_tokenizer` (InternVL's image tokens) feeds a Qwen2.5-VL:
+    the ids of every other token stay, and the result is the same on every call.
+    """
+    missing = [t for t in tokens if self.backend.token_to_id(t) is None]
+    if not missing:
+      return self
+    backend = tokenizers.Tokenizer.from_str(self.backend.to_str())
+    backend.add_special_tokens(
+      [tokenizers.AddedToken(t, special=True, normalized=False) for t in missing]
+    )
+    source = f"{self.source} + {', '.join(missing)}"
+    return Tokenizer(backend, pad_token=self.pad_token, eos_token=self.eos_token, source=source)
 
   # -- loading ------------------------------------------------------------------------------
 

@@ -42,6 +42,7 @@ from drivekd_jax.data.processor import (
 )
 from drivekd_jax.data.tokenizer import Tokenizer
 from drivekd_jax.models import internvl as internvl_lib
+from drivekd_jax.models import qwen25_vl as qwen25_vl_lib
 from drivekd_jax.models import sampling
 
 _LETTER = re.compile(r"^\s*(?:final(?:\s+answer)?\s*:\s*)?\(?([A-D])\)?(?=$|[.,:;)])", re.I)
@@ -74,7 +75,7 @@ def answer_batch(
   batch, so every batch of one bucket reuses one compiled sampler).
 
   Args:
-    model: an `InternVL`.
+    model: an `InternVL` or a `Qwen25VL`.
     examples: prompts from `Processor.prompt_example` / `record_example(prompt_only=True)`.
     image_size: the processor's image side; max_images: image slots per row.
     buckets: prompt length buckets; max_new_tokens: answer length limit.
@@ -97,7 +98,10 @@ def answer_batch(
     pad_id=tokenizer.pad_id,
     image_shape=image_shape,
   )
-  state = internvl_lib.generate(
+  # Qwen2.5-VL's generate computes its M-RoPE positions from the ids and image slots.
+  qwen = isinstance(model, qwen25_vl_lib.Qwen25VL)
+  generate = qwen25_vl_lib.generate if qwen else internvl_lib.generate
+  state = generate(
     model,
     batch["input_ids"],
     batch["pixel_values"],

@@ -193,6 +193,7 @@ def _distil(exp: experiment_lib.Experiment, workdir: str):
       seq_len=length,
       images_per_example=host_batch["pixel_values"].shape[1],
       num_cotangents=num_losses,
+      image_size=host_batch["pixel_values"].shape[2],
     )
 
   def host_scalars(step):

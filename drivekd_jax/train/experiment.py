@@ -22,12 +22,19 @@ from absl import logging
 from flax import nnx
 
 from drivekd_jax.data import sources
-from drivekd_jax.data.processor import Processor
+from drivekd_jax.data.processor import (
+  QWEN25_VL_IMAGE_SIZE,
+  Processor,
+  model_family,
+  tokenizer_for,
+)
+from drivekd_jax.data.qwen25_vl_processor import smart_resize
 from drivekd_jax.data.tokenizer import Tokenizer, check_same_tokenizer
 from drivekd_jax.distill.signals import DistillConfig
 from drivekd_jax.models import from_pretrained, presets
 from drivekd_jax.models.config import InternVLConfig
 from drivekd_jax.models.internvl import InternVL
+from drivekd_jax.models.qwen25_vl import Qwen25VL, Qwen25VLConfig, check_same_image_tokens
 from drivekd_jax.train import checkpoint as ckpt_lib
 from drivekd_jax.train import sharding as sharding_lib
 from drivekd_jax.train import state as state_lib
@@ -42,19 +49,31 @@ def shardings_of(tree: Any) -> Any:
   return jax.tree.map(lambda x: x.sharding, tree)
 
 
-def model_config(entry: ModelEntry, tokenizer: Tokenizer | None = None) -> InternVLConfig:
-  """The InternVLConfig of a preset model entry.
+def family_of(entry: ModelEntry) -> str:
+  """The model family of an entry's preset ("internvl" or "qwen2.5-vl")."""
+  return model_family(presets.model_config(entry.preset))
 
-  With a tokenizer, the image-context id is the tokenizer's and the vocabulary covers it.
+
+def model_config(
+  entry: ModelEntry, tokenizer: Tokenizer | None = None
+) -> InternVLConfig | Qwen25VLConfig:
+  """The config of a preset model entry (`presets.model_config`: InternVL3 or "qwen2.5-vl-*").
+
+  With a tokenizer, the image token id is the tokenizer's (`<IMG_CONTEXT>` / `<|image_pad|>`,
+  appended to the tokenizer when missing: `processor.tokenizer_for`) and the vocabulary covers
+  every id.
   """
   overrides = dict(entry.text_overrides)
   image_token_id = None
   if tokenizer is not None:
-    image_token_id = tokenizer.img_context_id
+    family = family_of(entry)
+    tokenizer = tokenizer_for(tokenizer, family)
+    image_token_id = tokenizer.image_token_ids(family)[1]
     overrides.setdefault(
-      "vocab_size", max(tokenizer.vocab_size, presets.internvl3(entry.preset).text.vocab_size)
+      "vocab_size",
+      max(tokenizer.vocab_size, presets.model_config(entry.preset).text.vocab_size),
     )
-  return presets.internvl3(
+  return presets.model_config(
     entry.preset,
     dtype=entry.dtype,
     param_dtype=entry.param_dtype or None,
@@ -63,34 +82,53 @@ def model_config(entry: ModelEntry, tokenizer: Tokenizer | None = None) -> Inter
   )
 
 
-def processor_for(settings: RunSettings, tokenizer: Tokenizer, model_cfg: InternVLConfig):
-  """The processor that feeds a model of `model_cfg` (image size, tokens per image)."""
+def processor_for(
+  settings: RunSettings, tokenizer: Tokenizer, model_cfg: InternVLConfig | Qwen25VLConfig
+):
+  """The processor that feeds a model of `model_cfg` (image size, tokens per image, its
+  family's image tokens and positions).
+
+  Qwen2.5-VL images are squares of one side: on synthetic data `smart_resize` of the rendered
+  views (what Qwen2.5-VL's own processor gives them), else 448 px (256 tokens, as InternVL3).
+  """
+  family = model_family(model_cfg)
+  overrides = {}
+  if family == "qwen2.5-vl":
+    overrides["image_size"] = QWEN25_VL_IMAGE_SIZE
+    if settings.data.source == "synthetic":
+      side = settings.data.synthetic.image_size
+      factor = model_cfg.vision.patch_size * model_cfg.vision.spatial_merge_size
+      overrides["image_size"] = smart_resize(side, side, factor)[0]
   return Processor.for_model(
-    tokenizer,
+    tokenizer_for(tokenizer, family),
     model_cfg,
     max_tiles=settings.data.max_tiles,
     system_message=settings.data.system_message or None,
+    **overrides,
   )
 
 
 def build_model(entry: ModelEntry, tokenizer: Tokenizer, mesh, rules, seed: int):
-  """(model, config): a sharded InternVL loaded from `entry.checkpoint`, or born sharded from a
-  preset.
+  """(model, config): a sharded InternVL / Qwen25VL loaded from `entry.checkpoint`, or born
+  sharded from a preset.
 
   Built outside `jax.set_mesh`: with a mesh in context NNX would read logical names as mesh
   axes; the rules table maps them instead.
   """
+  family = family_of(entry)
   if entry.checkpoint:
     model = from_pretrained(
       entry.checkpoint,
       dtype=entry.dtype,
       sharding=sharding_lib.pretrained_sharding(mesh, rules),
       param_dtype=entry.param_dtype or None,
-      image_token_id=tokenizer.img_context_id,
+      # Qwen2.5-VL checkpoints carry their `<|image_pad|>` id; `processor_for` checks it.
+      image_token_id=tokenizer.img_context_id if family == "internvl" else None,
     )
     return model, model.config
   cfg = model_config(entry, tokenizer)
-  model, _ = sharding_lib.create_sharded(lambda: InternVL(cfg, rngs=nnx.Rngs(seed)), mesh, rules)
+  network = Qwen25VL if family == "qwen2.5-vl" else InternVL
+  model, _ = sharding_lib.create_sharded(lambda: network(cfg, rngs=nnx.Rngs(seed)), mesh, rules)
   return model, cfg
 
 
@@ -278,15 +316,41 @@ def micro_steps_of(settings: RunSettings, mesh, rules) -> int:
   return settings.num_steps * examples_per_step // distill.microbatch_size
 
 
-def build_teachers(settings: RunSettings, data: sources.DataBundle, mesh, rules, workdir: str):
-  """(teacher modules, names of the warmed ones): each built (or loaded), preset-built ones
-  warmed with plain CE when `teacher_warmup.steps` > 0."""
+def check_same_image_layout(student: Any, teacher: Any, name: str) -> None:
+  """Raises ValueError unless teacher `name` turns images into the student's image tokens
+  (one family; Qwen2.5-VL: `check_same_image_tokens`)."""
+  families = model_family(student), model_family(teacher)
+  if families[0] != families[1]:
+    raise ValueError(
+      f"teacher {name!r} is a {families[1]} model but the student a {families[0]} one: their "
+      "image tokens differ, so their attention maps cannot be compared position by position"
+    )
+  if families[0] == "qwen2.5-vl":
+    try:
+      check_same_image_tokens(student, teacher)
+    except ValueError as error:
+      raise ValueError(f"teacher {name!r}: {error}") from None
+
+
+def build_teachers(
+  settings: RunSettings,
+  data: sources.DataBundle,
+  mesh,
+  rules,
+  workdir: str,
+  student_config: Any = None,
+):
+  """(teacher modules, names of the warmed ones): each built (or loaded), checked to cut images
+  as the student of `student_config` does (when given), preset-built ones warmed with plain CE
+  when `teacher_warmup.steps` > 0."""
   teachers, warmed = [], []
   for i, name in enumerate(settings.teacher_order):
     entry = settings.teachers[name]
     if entry.tokenizer:
       check_same_tokenizer(data.tokenizer, Tokenizer.from_path(entry.tokenizer))
     model, cfg = build_model(entry, data.tokenizer, mesh, rules, settings.seed + 1 + i)
+    if student_config is not None:
+      check_same_image_layout(student_config, cfg, name)
     if settings.teacher_warmup.steps > 0 and not entry.checkpoint:
       processor = processor_for(settings, data.tokenizer, cfg)
       folder = os.path.join(workdir, "teachers", name)
@@ -305,7 +369,7 @@ def build_experiment(settings: RunSettings, workdir: str) -> Experiment:
   micro_steps = micro_steps_of(settings, mesh, rules)
   data = sources.prepare_data(settings.data, workdir)
   student, student_cfg = build_model(settings.student, data.tokenizer, mesh, rules, settings.seed)
-  teachers, warmed = build_teachers(settings, data, mesh, rules, workdir)
+  teachers, warmed = build_teachers(settings, data, mesh, rules, workdir, student_cfg)
   distill = settings.distill
   optimizer_settings = dataclasses.replace(
     settings.optimizer, accumulation_steps=distill.grad_accum_steps

@@ -19,6 +19,7 @@ import numpy as np
 from absl import logging
 
 from drivekd_jax.models.config import DecoderConfig, InternVLConfig, VisionConfig
+from drivekd_jax.models.qwen25_vl import Qwen25VLConfig
 
 # Dense bf16 peak FLOP/s per device, by substring of `device.device_kind` (checked in order).
 PEAK_FLOPS_BY_DEVICE_KIND: tuple[tuple[str, float], ...] = (
@@ -76,8 +77,25 @@ def _vision_forward_flops_per_image(config: InternVLConfig) -> float:
   return vit + projector
 
 
-def _text_config(config: DecoderConfig | InternVLConfig) -> DecoderConfig:
-  return config.text if isinstance(config, InternVLConfig) else config
+def _qwen25_vl_vision_forward_flops_per_image(config: Qwen25VLConfig, image_size: int) -> float:
+  """The Qwen2.5-VL vision tower on one `image_size`^2 image: patch embedding, blocks (full
+  attention in `fullatt_block_indexes`, window attention elsewhere), the 2x2 merger."""
+  vision = config.vision
+  if image_size <= 0:
+    raise ValueError("Qwen2.5-VL vision FLOPs need the image side (image_size)")
+  patches = (image_size // vision.patch_size) ** 2
+  window = min(patches, (vision.window_size // vision.patch_size) ** 2)
+  d = vision.hidden_size
+  blocks = 2.0 * vision.depth * (4 * d * d + 3 * d * vision.intermediate_size) * patches
+  full = len(vision.fullatt_block_indexes)
+  attention = 4.0 * patches * d * (full * patches + (vision.depth - full) * window)
+  merged = 4 * d
+  merger = 2.0 * (merged * merged + merged * vision.out_hidden_size) * patches / 4
+  return 2.0 * vision.patch_dim * d * patches + blocks + attention + merger
+
+
+def _text_config(config: DecoderConfig | InternVLConfig | Qwen25VLConfig) -> DecoderConfig:
+  return config.text if isinstance(config, InternVLConfig | Qwen25VLConfig) else config
 
 
 def train_step_flops(
@@ -88,20 +106,25 @@ def train_step_flops(
   seq_len: int,
   images_per_example: int = 0,
   num_cotangents: int = 1,
+  image_size: int = 0,
 ) -> float:
   """FLOPs of one micro-step: teacher forwards, student forward, `num_cotangents` backwards.
 
   Args:
-    student, teachers: model configs (InternVL or decoder-only).
+    student, teachers: model configs (InternVL, Qwen2.5-VL or decoder-only).
     batch_size: examples per micro-step; seq_len: padded length L.
     images_per_example: image slots M (vision tower cost; 0 for text-only).
     num_cotangents: loss terms pulled back separately (1 + K for AGP).
+    image_size: the image side (needed for Qwen2.5-VL, whose cost follows its resolution).
   """
 
   def forward(config):
     per_example = seq_len * _decoder_forward_flops(_text_config(config), seq_len)
     if isinstance(config, InternVLConfig):
       per_example += images_per_example * _vision_forward_flops_per_image(config)
+    elif isinstance(config, Qwen25VLConfig) and images_per_example:
+      vision = _qwen25_vl_vision_forward_flops_per_image(config, image_size)
+      per_example += images_per_example * vision
     return batch_size * per_example
 
   student_forward = forward(student)

@@ -42,7 +42,9 @@ class TrainState:
 
 
 def trainable_filter(trainable: str):
-  """nnx filter of the trainable student variables: "all" params or the "llm" params only."""
+  """nnx filter of the trainable student variables: "all" params or the "llm" params only (the
+  `language_model` decoder; InternVL's `vision_model` and projector `mlp1`, Qwen2.5-VL's
+  `visual` tower with its merger stay frozen)."""
   if trainable == "all":
     return nnx.Param
   if trainable == "llm":
