@@ -463,19 +463,16 @@ def _markdown(payload: dict, failures: Mapping[str, list], figures: Mapping[str,
           f"{_ci(gap[turn]) if turn in gap else '-'} | {entry['count']} |"
         )
     if analysis.get("gap"):
+      turns = sorted({t for gap in analysis["gap"].values() for t in gap["by_turn"]})
       lines += [
         "",
         f"### {model}: own - reference history (per turn, 95% CI)",
         "",
-        "| Group | "
-        + " | ".join(f"turn {t}" for t in analysis["gap"][next(iter(analysis["gap"]))]["by_turn"])
-        + " | Slope difference |",
+        "| Group | " + " | ".join(f"turn {t}" for t in turns) + " | Slope difference |",
+        "| --- " * (len(turns) + 2) + "|",
       ]
-      lines.append(
-        "| --- " * (len(analysis["gap"][next(iter(analysis["gap"]))]["by_turn"]) + 2) + "|"
-      )
       for group, gap in analysis["gap"].items():
-        cells = " | ".join(_ci(e) for e in gap["by_turn"].values())
+        cells = " | ".join(_ci(gap["by_turn"][t]) if t in gap["by_turn"] else "-" for t in turns)
         lines.append(f"| {group} | {cells} | {_fmt(gap['slope_difference'])} |")
       if f"reference:{model}" in figures:
         lines += ["", f"![{model} own vs reference]({figures[f'reference:{model}']})"]

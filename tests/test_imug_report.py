@@ -1,5 +1,6 @@
 """Exposure-bias statistics, the report (summary.json, markdown, PNG plots) and run pairing."""
 
+import dataclasses
 import io
 import json
 import shutil
@@ -46,6 +47,18 @@ def test_slope_drop_and_gap_recover_a_known_trend():
   assert gap["by_turn"][4]["value"] == pytest.approx(-15.0, abs=3.0)
   assert gap["by_turn"][4]["high"] < 0
   assert gap["slope_difference"] == pytest.approx(-5.0, abs=0.8)
+
+
+def test_gap_is_paired_when_both_runs_hold_the_same_turns():
+  own = rows_with_trend("m", -6.0, samples=10)
+  same = [dataclasses.replace(r, model="m__refhist") for r in own]
+  shifted = [dataclasses.replace(r, score=r.score - 3.0) for r in same]
+  for reference, expected in ((same, 0.0), (shifted, 3.0)):
+    gap = exposure.analyse(own, reference, num_boot=200)["gap"]["overall"]["by_turn"]
+    for turn in (1, 2, 3, 4):  # Identical partners: no sampling noise in the difference.
+      assert gap[turn] == pytest.approx({"value": expected, "low": expected, "high": expected})
+  unpaired = exposure.analyse(own, same[: len(same) // 2], num_boot=200)["gap"]["overall"]
+  assert unpaired["by_turn"][1]["low"] < unpaired["by_turn"][1]["high"]  # independent draws
 
 
 def test_exposure_ignores_text_rows_and_single_turns():

@@ -10,7 +10,8 @@ This module measures it (our own extension, marked as such in reports):
     to the last turn index that has data, each with a cluster bootstrap CI that resamples whole
     samples (turns of one dialogue are correlated);
   * with a reference-history control run (earlier turns given ground-truth images instead of the
-    model's own), the own - reference gap per turn and the slope difference. A gap that grows with
+    model's own), the own - reference gap per turn (a paired bootstrap when both runs hold the
+    same turns) and the slope difference. A gap that grows with
     the turn index is exposure bias; a slope shared by both runs is turn difficulty.
 """
 
@@ -147,18 +148,32 @@ def _group_json(rows: Sequence[TurnRow], kw: dict) -> dict:
   }
 
 
+def _turn_key(row: TurnRow) -> tuple:
+  return (row.domain, row.subdomain, row.sample_id, row.turn)
+
+
 def _gap(
   own: Sequence[TurnRow], reference: Sequence[TurnRow], *, num_boot: int, level: float, seed: int
 ) -> dict:
-  """Own - reference mean per turn (independent bootstraps) and the slope difference."""
+  """Own - reference mean per turn and the slope difference.
+
+  Where every turn record of one run has its partner in the other (same sample and turn, as in
+  a reference-history control of the same samples) the bootstrap resamples the paired
+  differences; otherwise the two runs are resampled independently.
+  """
   rng = np.random.default_rng(seed + 1)
   per_turn = {}
   for turn in sorted({r.turn for r in own} & {r.turn for r in reference}):
-    a = np.array([r.score for r in own if r.turn == turn], float)
-    b = np.array([r.score for r in reference if r.turn == turn], float)
-    draws = rng.choice(a, (num_boot, a.size)).mean(axis=1) - rng.choice(b, (num_boot, b.size)).mean(
-      axis=1
-    )
+    mine = {_turn_key(r): r.score for r in own if r.turn == turn}
+    theirs = {_turn_key(r): r.score for r in reference if r.turn == turn}
+    a, b = np.array(list(mine.values()), float), np.array(list(theirs.values()), float)
+    if mine.keys() == theirs.keys():
+      differences = np.array([mine[k] - theirs[k] for k in mine], float)
+      draws = rng.choice(differences, (num_boot, differences.size)).mean(axis=1)
+    else:
+      draws = rng.choice(a, (num_boot, a.size)).mean(axis=1) - rng.choice(
+        b, (num_boot, b.size)
+      ).mean(axis=1)
     per_turn[turn] = Estimate(float(a.mean() - b.mean()), *_percentiles(draws, level)).to_json()
   own_slope = trend(own, num_boot=num_boot, level=level, seed=seed)["slope"]
   ref_slope = trend(reference, num_boot=num_boot, level=level, seed=seed)["slope"]
