@@ -65,7 +65,7 @@ def test_grounded_answers_follow_the_scene():
             expected = "Keep going."
           assert qa.bench_a == expected
   assert min(seen.values()) > 10, seen
-  assert 0.3 < np.mean(answers) < 0.7  # Yes and No about equally often
+  assert 0.45 < np.mean(answers) < 0.75  # Yes and No about equally often (all asked: 0.35)
 
 
 def test_grounded_colour_is_in_the_rendered_view():

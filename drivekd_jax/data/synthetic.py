@@ -17,7 +17,8 @@ answer follows from scene rules, so a model can learn them and an exact scorer c
 
 That is question set "driving". Set "grounded" (`questions="grounded"`) asks instead a few short
 questions that a tiny model can learn from one rendered view in minutes; each tags one object,
-so only that object's camera view goes with the question, and each has one exact answer:
+so only that object's camera view goes with the question, and each has one exact answer (the
+objects are drawn 1.5 times larger than in set "driving"):
 
 - perception MCQ (tag 0): the colour of a vehicle (options A-D: red, blue, white, black).
 - behavior MCQ (tag 0, capability reasoning): does the traffic light or the vehicle in the ego
@@ -629,6 +630,16 @@ ACTION_QUESTION = (
 QUESTION_SETS = ("driving", "grounded")
 
 
+GROUNDED_SCALE = 1.5
+
+
+def enlarged(scene: Scene, factor: float) -> Scene:
+  """`scene` with every object drawn `factor` times larger (the grounded set's views: a tiny
+  vision tower sees a vehicle's colour or a light's state from a few patches)."""
+  objects = tuple(dataclasses.replace(o, size=o.size * factor) for o in scene.objects)
+  return dataclasses.replace(scene, objects=objects)
+
+
 def grounded_qas(scene: Scene, rng: np.random.Generator) -> list[QA]:
   """The "grounded" questions of one scene (module docstring): every vehicle's colour, and for
   every CAM_FRONT object whether it obliges the ego vehicle to stop and the action it calls for.
@@ -745,6 +756,8 @@ def write_synthetic_driving(
     if i % frames_per_scene == 0:
       scene_token = _token(rng)
     scenes.append(sample_scene(rng, scene_token, _token(rng)))
+  if questions == "grounded":
+    scenes = [enlarged(scene, GROUNDED_SCALE) for scene in scenes]
   train, test = scenes[:num_train_frames], scenes[num_train_frames:]
   test_tokens = {s.frame_token for s in test}
 

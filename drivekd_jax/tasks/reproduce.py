@@ -7,7 +7,8 @@ every arm of `config.arms` it runs task drivekd.train in `<workdir>/seed<s>/<arm
 seed (student and teacher initialisation, data order) and the arm's distillation fields, all
 else equal. The data (synthetic files, TFDS builds, tokenizer) is prepared once under
 `<workdir>/data`; within a seed the arms share `<workdir>/seed<s>/teachers` (warmed once, then
-reused; their held-out answers are taken once) and `student_before` (the initial student's
+reused; their held-out answers are taken once, by the first arm, unless `run.eval.teachers`
+is False) and `student_before` (the initial student's
 answers). Finished arms are skipped on a relaunch. Compiled steps are cached in
 `<workdir>/jax_cache`, so each kind of arm compiles once for all seeds.
 
@@ -96,7 +97,10 @@ def run(config: Any, workdir: str) -> dict:
       started = time.time()
       logging.info("reproduce: seed %d arm %s in %s", seed, arm, arm_dir)
       out = train_task.run(
-        arm_config(run_config, arm, seed, data_root, teachers=index == 0), arm_dir
+        arm_config(
+          run_config, arm, seed, data_root, teachers=index == 0 and run_config.eval.teachers
+        ),
+        arm_dir,
       )
       if out["preempted"]:
         return {"preempted": True}
