@@ -45,7 +45,7 @@ def test_decode_benchmark_prints_its_ratio():
 
 @pytest.mark.slow
 def test_distill_step_benchmark_prints_its_ratio():
-  """Its one shape (the README's), one timed step per side: about 4 CPU-minutes."""
+  """Its one shape (the README's), one timed step per side: minutes on two cores."""
   out = _run_module("drivekd_jax.bench.distill_step", "--steps=1", timeout=1800)
   for variant in ("official", "best"):
     assert re.search(rf"jax/torch-{variant}: throughput x\d+\.\d+", out), out
