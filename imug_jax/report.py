@@ -359,12 +359,21 @@ def _plots(payload: dict, report_dir: Path) -> dict[str, str]:
   for run, result in payload["tts"].items():
     turns = sorted(int(t) for t in result["by_turn"])
     if turns:
-      gain_series.append(plots.Series(run, turns, [result["by_turn"][t]["gain"] for t in turns]))
+      entries = [result["by_turn"][t] for t in turns]
+      gain_series.append(
+        plots.Series(
+          run,
+          turns,
+          [e["gain"] for e in entries],
+          [e.get("low") for e in entries],
+          [e.get("high") for e in entries],
+        )
+      )
   if gain_series:
     plots.line_chart(
       gain_series,
       report_dir / "tts_gains.png",
-      title="Test-time scaling: image-score gain over the baseline",
+      title="Test-time scaling: image-score gain over the baseline (95% CI)",
       xlabel="turn",
       ylabel="gain (points)",
       zero_line=True,
@@ -386,6 +395,12 @@ def _ci(estimate: Mapping[str, Any]) -> str:
   if estimate["low"] is None:
     return _fmt(estimate["value"])
   return f"{_fmt(estimate['value'])} [{_fmt(estimate['low'])}, {_fmt(estimate['high'])}]"
+
+
+def _gain(entry: Mapping[str, Any]) -> str:
+  """A TTS gain with its interval (entries of `tts.gains`)."""
+  estimate = {k: entry.get(k) for k in ("low", "high")}
+  return _ci({"value": entry["gain"], **estimate}) + f" (n={entry['count']})"
 
 
 def _markdown(payload: dict, failures: Mapping[str, list], figures: Mapping[str, str]) -> str:
@@ -477,20 +492,30 @@ def _markdown(payload: dict, failures: Mapping[str, list], figures: Mapping[str,
       if f"reference:{model}" in figures:
         lines += ["", f"![{model} own vs reference]({figures[f'reference:{model}']})"]
   if payload["tts"]:
+    turns = sorted({int(t) for g in payload["tts"].values() for t in g["by_turn"]})
     lines += [
       "",
-      "## Test-time scaling (gain over the baseline run, paired turns)",
+      "## Test-time scaling (gain over the baseline run, paired turns, 95% CI)",
       "",
-      "| Run | Image: base -> scaled (gain) | All: base -> scaled (gain) | Per-turn image gain |",
-      "| --- | --- | --- | --- |",
+      "| Run | Image: base -> scaled | Image gain | All: base -> scaled | All gain |",
+      "| --- | --- | --- | --- | --- |",
     ]
     for run, g in payload["tts"].items():
-      per_turn = ", ".join(f"t{t}: {_fmt(e['gain'])}" for t, e in g["by_turn"].items())
+      image, overall = g["image"], g["overall"]
       lines.append(
-        f"| {run} | {_fmt(g['image']['baseline'])} -> {_fmt(g['image']['scaled'])} "
-        f"({_fmt(g['image']['gain'])}) | {_fmt(g['overall']['baseline'])} -> "
-        f"{_fmt(g['overall']['scaled'])} ({_fmt(g['overall']['gain'])}) | {per_turn} |"
+        f"| {run} | {_fmt(image['baseline'])} -> {_fmt(image['scaled'])} | {_gain(image)} | "
+        f"{_fmt(overall['baseline'])} -> {_fmt(overall['scaled'])} | {_gain(overall)} |"
       )
+    lines += [
+      "",
+      "Image gain per turn (points, 95% CI; image turns paired):",
+      "",
+      "| Run | " + " | ".join(f"turn {t}" for t in turns) + " |",
+      "| --- " * (len(turns) + 1) + "|",
+    ]
+    for run, g in payload["tts"].items():
+      cells = " | ".join(_gain(g["by_turn"][t]) if t in g["by_turn"] else "-" for t in turns)
+      lines.append(f"| {run} | {cells} |")
     if "tts" in figures:
       lines += ["", f"![TTS gains]({figures['tts']})"]
   failed = {run: f for run, f in failures.items() if f}

@@ -23,6 +23,7 @@ from imug_jax.judges.base import ImagePart, text_of
 from imug_jax.models.protocol import Response
 from imug_jax.rollout.runner import run_rollout
 from imug_jax.scoring import pipeline
+from imug_jax.scoring.summary import TurnRow
 from imug_jax.tts import gains, verifiers, wrappers
 
 COLOURS = {
@@ -217,3 +218,22 @@ def test_self_verification_stops_at_the_round_limit():
   assert wrapper.regenerations == 2 and wrapper.model_calls == 3 + 2
   with pytest.raises(ValueError, match="unknown test-time scaling"):
     wrappers.wrap(model, "beam")
+
+
+def test_gains_carry_a_paired_bootstrap_interval():
+  def rows(model, scores):
+    return [TurnRow(model, "Apparel", "s", str(i), 1, "image", v) for i, v in enumerate(scores)]
+
+  base = rows("m", [10.0, 50.0, 90.0, 30.0])
+  shifted = gains.gains(base, rows("m+cot", [15.0, 55.0, 95.0, 35.0]), num_boot=200)
+  assert shifted["by_turn"][1] == {
+    "baseline": 45.0,
+    "scaled": 50.0,
+    "gain": 5.0,
+    "low": 5.0,
+    "high": 5.0,
+    "count": 4,
+  }  # Every pair gains 5: no spread, whatever the spread of the scores themselves.
+  mixed = gains.gains(base, rows("m+cot", [30.0, 40.0, 95.0, 30.0]), num_boot=200)["image"]
+  assert mixed["low"] < mixed["gain"] < mixed["high"]
+  assert gains.gains(base, [], num_boot=10)["image"]["low"] is None

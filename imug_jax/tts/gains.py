@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from imug_jax.scoring.summary import TurnRow
 
 
@@ -11,13 +13,23 @@ def _mean(values: Sequence[float]) -> float | None:
   return round(sum(values) / len(values), 2) if values else None
 
 
-def gains(baseline: Sequence[TurnRow], scaled: Sequence[TurnRow]) -> dict:
+def gains(
+  baseline: Sequence[TurnRow],
+  scaled: Sequence[TurnRow],
+  *,
+  num_boot: int = 1000,
+  level: float = 0.95,
+  seed: int = 0,
+) -> dict:
   """Image and overall gains (percentage points) of `scaled` over `baseline`.
 
   Only turns scored in both runs count (paired on sample and turn), so a failure in one run does
-  not bias the difference. Returns {"overall": {...}, "image": {...}, "by_turn": {t: {...}}},
-  each with baseline, scaled, gain and count.
+  not bias the difference. Returns {"overall": {...}, "image": {...}, "text": {...},
+  "by_turn": {t: {...}}}, each with baseline, scaled, gain, count and the gain's percentile
+  bootstrap interval over the pairs (low, high; None without pairs).
   """
+  rng = np.random.default_rng(seed)
+  alpha = (1 - level) / 2
 
   def key(r: TurnRow):
     return (r.domain, r.subdomain, r.sample_id, r.turn)
@@ -29,7 +41,19 @@ def gains(baseline: Sequence[TurnRow], scaled: Sequence[TurnRow]) -> dict:
     b = _mean([p[0].score for p in selected])
     s = _mean([p[1].score for p in selected])
     gain = None if b is None or s is None else round(s - b, 2)
-    return {"baseline": b, "scaled": s, "gain": gain, "count": len(selected)}
+    low = high = None
+    if selected:
+      differences = np.array([p[1].score - p[0].score for p in selected], float)
+      draws = rng.choice(differences, (num_boot, differences.size)).mean(axis=1)
+      low, high = (round(float(np.quantile(draws, q)), 2) for q in (alpha, 1 - alpha))
+    return {
+      "baseline": b,
+      "scaled": s,
+      "gain": gain,
+      "low": low,
+      "high": high,
+      "count": len(selected),
+    }
 
   images = [p for p in pairs if p[1].modality == "image"]
   return {
