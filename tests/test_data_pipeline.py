@@ -354,19 +354,19 @@ def test_synthetic_driving_data_through_builders_and_pipeline(tmp_path):
   write_synthetic_driving(
     tmp_path / "raw", num_train_frames=3, num_test_frames=2, seed=0, image_size=32
   )
-  sources = {
+  built = {
     kind: sources.build_dataset(kind, tmp_path / "raw", tmp_path / "tfds").as_data_source(split)
     for kind, split in (("drivekd_qa", "train"), ("drivebench", "test"))
   }
   texts = [
     rec_[field].decode()
-    for source in sources.values()
+    for source in built.values()
     for rec_ in source
     for field in ("question", "answer")
   ]
   tokenizer = train_bpe_tokenizer(texts, 600, tmp_path / "tokenizer.json")
   processor = Processor(tokenizer, ProcessorConfig(IMAGE_SIZE, TOKENS_PER_IMAGE))
-  for kind, source in sources.items():
+  for kind, source in built.items():
     config = pl.PipelineConfig(batch_size=4, buckets=(256, 512, 1024), max_images=6, num_epochs=1)
     pipeline = pl.TrainingPipeline(
       source, processor, config, process_index=0, process_count=1, source_name=kind
