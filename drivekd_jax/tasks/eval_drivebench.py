@@ -72,8 +72,14 @@ def load_model(config: Any, workdir: str, tokenizer: Tokenizer | None, mesh, rul
     return LoadedModel(name, model, tokenizer, f"training workdir {path}, checkpoint step {step}")
   if path:
     tokenizer = Tokenizer.from_path(entry.tokenizer or path)
+    # An InternVL checkpoint in the original layout leaves `<IMG_CONTEXT>` to the tokenizer;
+    # Qwen2.5-VL checkpoints carry their `<|image_pad|>` id.
+    internvl = "internvl" in _architecture(path).lower()
     model = from_pretrained(
-      path, dtype=entry.dtype, sharding=sharding, image_token_id=tokenizer.img_context_id
+      path,
+      dtype=entry.dtype,
+      sharding=sharding,
+      image_token_id=tokenizer.img_context_id if internvl else None,
     )
     return LoadedModel(entry.name or os.path.basename(path), model, tokenizer, f"checkpoint {path}")
   if tokenizer is None:
@@ -82,6 +88,13 @@ def load_model(config: Any, workdir: str, tokenizer: Tokenizer | None, mesh, rul
   model, _ = experiment_lib.build_model(preset, tokenizer, mesh, rules, int(config.seed))
   note = f"random init of preset {entry.preset!r}: scores show the pipeline, not a skill"
   return LoadedModel(entry.name or f"random {entry.preset}", model, tokenizer, note)
+
+
+def _architecture(path: str) -> str:
+  """The first `architectures` entry (or `model_type`) of a checkpoint's config.json."""
+  with open(os.path.join(path, "config.json")) as f:
+    cfg = json.load(f)
+  return (cfg.get("architectures") or [cfg.get("model_type", "")])[0]
 
 
 def _judge(config: Any, workdir: str, stack: ExitStack):
