@@ -262,10 +262,12 @@ def test_demo_config_runs_end_to_end(tmp_path):
   spec.loader.exec_module(demo)
   config = demo.get_config()
   config.data.num_samples = 4
+  config.data.train_samples = 4
   config.model.train.steps = 2
   config.model.train.max_length = 512
   config.model.tiny.chunk_buckets = (256,)
   config.rollout.progress = False
+  config.tts.strategies = ("cot",)
   summary = run_lib.run(config, str(tmp_path))
   assert set(summary["runs"]) == {"tiny_umm", "tiny_umm__refhist"}
   for name, counts in summary["runs"].items():
@@ -275,7 +277,8 @@ def test_demo_config_runs_end_to_end(tmp_path):
   report = summary.pop("report")
   assert json.loads((tmp_path / "outputs" / "rollout_summary.json").read_text()) == summary
   assert report["runs"]["references"] == {"tiny_umm": "tiny_umm__refhist"}
-  assert set(report["models"]) == {"tiny_umm", "tiny_umm__refhist"}
+  assert set(report["models"]) == {"tiny_umm", "tiny_umm__refhist", "tiny_umm+cot"}
+  assert report["scoring"]["judge"] == "oracle" and set(report["tts"]) == {"tiny_umm+cot"}
   assert (tmp_path / "report" / "summary.json").is_file()
   assert len(summary["train_losses"]) == 2 and all(np.isfinite(summary["train_losses"]))
   # A second run resumes: nothing to do.

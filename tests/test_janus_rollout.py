@@ -194,6 +194,7 @@ def test_janus_checkpoint_runs_the_whole_pipeline(tmp_path):
   config.data.num_samples = 2
   config.rollout.progress = False
   config.rollout.reference_control = False
+  config.tts.strategies = ()
   config.model.name = "janus"
   config.model.checkpoint = str(tmp_path / "janus_ckpt")
   config.model.janus = ml_collections.ConfigDict(
