@@ -111,9 +111,12 @@ def run(config: Any, workdir: str) -> dict:
 def summarize(config: Any, workdir: str, teacher_names, wall: dict | None = None) -> dict:
   """Reads the answers and scalars of every finished (seed, arm); writes results and plots.
 
-  A model's row averages the seeds it finished (its "seeds" field says how many).
+  A model's row averages the seeds it finished (its "seeds" field says how many). `wall` maps
+  "seed<s>/<arm>" to seconds; arms missing from it are read from their eval summaries (the wall
+  time of the arm's launch before its evaluation).
   """
   seeds, arms = list(config.seeds), list(config.arms)
+  wall = dict(wall or {})
 
   def arm_dir(seed, arm):
     return os.path.join(workdir, f"seed{seed}", arm.replace("/", "_"))
@@ -142,6 +145,14 @@ def summarize(config: Any, workdir: str, teacher_names, wall: dict | None = None
       curves[arm] = comparison.agp_curves(scalars)
       if arm == "multi/agp":
         curves_seeds = done
+  for seed in seeds:  # the arms' own record, so a summary-only launch still reports them
+    for arm in arms:
+      summary_path = os.path.join(arm_dir(seed, arm), "eval_summary.json")
+      if f"seed{seed}/{arm}" not in wall and os.path.exists(summary_path):
+        with open(summary_path) as f:
+          seconds = json.load(f).get("wall_seconds_before_eval")
+        if seconds is not None:
+          wall[f"seed{seed}/{arm}"] = seconds
   missing = [model for model, runs in answers.items() if not runs]
   if missing:
     logging.warning("reproduce: nothing finished yet for %s", ", ".join(missing))
@@ -161,14 +172,17 @@ def summarize(config: Any, workdir: str, teacher_names, wall: dict | None = None
       title=f"AGP diagnostics of multi/agp over training (mean of {len(curves_seeds)} seeds)",
     )
   totals = {arm: comparison.agp_totals(c) for arm, c in curves.items()}
-  agp_lines = [
-    "AGP diagnostics (conflict counts summed over logged steps, cosines averaged; mean of seeds):",
-    "",
-    *(
-      f"- {arm}: " + ", ".join(f"{k.removeprefix('agp/')}={v:.3g}" for k, v in sorted(t.items()))
-      for arm, t in totals.items()
-    ),
-  ]
+  agp_note = "\n".join(
+    [
+      "AGP diagnostics (conflict counts summed over logged steps, cosines averaged; mean of"
+      " seeds):",
+      "",
+      *(
+        f"- {arm}: " + ", ".join(f"{k.removeprefix('agp/')}={v:.3g}" for k, v in sorted(t.items()))
+        for arm, t in totals.items()
+      ),
+    ]
+  )
   text = results_lib.write_results(
     workdir,
     comparison.table_rows(rows),
@@ -177,7 +191,7 @@ def summarize(config: Any, workdir: str, teacher_names, wall: dict | None = None
       results_lib.SCORING_NOTE,
       "Mean over seeds; 95% CI: percentile bootstrap over questions (2000 resamples, the same"
       " resample applied to every seed).",
-      *agp_lines,
+      agp_note,
     ],
     columns=("model", *results_lib.CAPABILITIES, "average", "seeds"),
     extra={
@@ -187,7 +201,7 @@ def summarize(config: Any, workdir: str, teacher_names, wall: dict | None = None
       "plots": plots,
       "seeds": seeds,
       "arms": arms,
-      "wall_seconds": wall or {},
+      "wall_seconds": wall,
     },
   )
   if jax.process_index() == 0:
