@@ -1,6 +1,7 @@
 """Throughput and peak memory of one Drive-KD optimizer step: ours (JAX) vs PyTorch.
 
   python -m drivekd_jax.bench.distill_step [--steps 3] [--impl both|jax|torch]
+    [--torch_variant both|official|best]
 
 One optimizer step = 4 samples, micro-batch 1, AGP on, all three capability losses, dynamic
 loss weights on, one shared teacher (the official defaults, `docs/drivekd_method.md` §3). The
@@ -14,9 +15,12 @@ The PyTorch side is the official algorithm on `transformers` InternVL: eager att
 `output_attentions=True`, one student forward, one teacher forward per capability teacher (the
 official loop runs the shared teacher once per capability), one backward pass per loss with
 `retain_graph`, the per-sample AGP over all parameters in Python, gradient accumulation and
-AdamW every 4 samples, then the reweighting update. Ours is `drivekd_jax.train.step` (one
-teacher forward and one student forward per sample; each loss pulled back from that forward
-only through the blocks it reaches; AdamW once per 4 samples).
+AdamW every 4 samples, then the reweighting update. `--torch_variant=best` is the strongest
+PyTorch step we could write of the same algorithm: the shared teacher runs once per sample and
+the loss weights stay static (no gradient norms, no reweighting); by default both variants run
+and both ratios are printed (`jax/torch-official`, `jax/torch-best`). Ours is
+`drivekd_jax.train.step` (one teacher forward and one student forward per sample; each loss
+pulled back from that forward only through the blocks it reaches; AdamW once per 4 samples).
 
 Each implementation runs in its own subprocess, so its memory figures are its own: the peak
 resident memory while the timed steps run (the kernel's high-water mark VmHWM, reset through
@@ -188,7 +192,16 @@ def run_jax(steps: int) -> dict:
 # ----------------------------------------------------------------------------------- PyTorch
 
 
-def run_torch(steps: int) -> dict:
+TORCH_VARIANTS = ("official", "best")
+
+
+def run_torch(steps: int, variant: str = "official") -> dict:
+  """The PyTorch step: "official" runs the shared teacher once per capability and updates the
+  dynamic loss weights; "best" (the strongest we could write of the same algorithm) runs the
+  teacher once per sample and keeps the static weights (no gradient norms, no reweighting)."""
+  if variant not in TORCH_VARIANTS:
+    raise ValueError(f"torch variant {variant!r}: expected one of {TORCH_VARIANTS}")
+  best = variant == "best"
   import torch
   from transformers import (
     InternVLConfig,
@@ -292,9 +305,12 @@ def run_torch(steps: int) -> dict:
     s_att = [a.mean(dim=1) for a in out.attentions]
     t_att = []
     with torch.no_grad():
-      for _ in range(3):  # the official loop: one forward per capability teacher
+      # the official loop: one forward per capability teacher; "best": the shared one once
+      for _ in range(1 if best else 3):
         t_out = teacher(input_ids=ids, pixel_values=pixels, output_attentions=True)
         t_att.append([a.mean(dim=1) for a in t_out.attentions])
+    if best:
+      t_att = t_att * 3
     reasoning = 0.0
     for s_layer, t_layers in windows:
       target = sum(t_att[1][t] for t in t_layers) / len(t_layers)
@@ -311,10 +327,11 @@ def run_torch(steps: int) -> dict:
         p.grad = None
       (losses[k] / SAMPLES_PER_STEP).backward(retain_graph=n < len(keys) - 1)
       grads[k] = [None if p.grad is None else p.grad.detach().clone() for p in params]
-      norms[k] = (
-        sum(float((g.float() ** 2).sum()) for g in grads[k] if g is not None) + 1e-20
-      ) ** 0.5
-    w = [x.detach() for x in dyn_weights()]
+      if not best:
+        norms[k] = (
+          sum(float((g.float() ** 2).sum()) for g in grads[k] if g is not None) + 1e-20
+        ) ** 0.5
+    w = [torch.tensor(x) for x in static] if best else [x.detach() for x in dyn_weights()]
     row = mixing[int(capability[i])]
     weighted = {"ce": [None if g is None else g * w[0] for g in grads["ce"]]}
     for c, k in enumerate(keys[1:]):
@@ -332,7 +349,7 @@ def run_torch(steps: int) -> dict:
     stats["acc"] = add(stats["acc"], total)
     for k in keys:
       stats["loss"][k] = stats["loss"].get(k, 0.0) + float(losses[k])
-      stats["norm"][k] = stats["norm"].get(k, 0.0) + norms[k]
+      stats["norm"][k] = stats["norm"].get(k, 0.0) + norms.get(k, 0.0)
     return float(out.loss)
 
   def reweight(stats):
@@ -369,7 +386,8 @@ def run_torch(steps: int) -> dict:
       p.grad = g
     optimizer.step()
     optimizer.zero_grad()
-    reweight(stats)
+    if not best:
+      reweight(stats)
     return last
 
   t0 = time.perf_counter()
@@ -383,7 +401,7 @@ def run_torch(steps: int) -> dict:
     loss = optimizer_step()
     times.append(time.perf_counter() - t0)
   return {
-    "impl": "torch",
+    "impl": f"torch-{variant}",
     "torch_threads": torch.get_num_threads(),
     "step_seconds": times,
     "samples_per_second": SAMPLES_PER_STEP / float(np.median(times)),
@@ -395,7 +413,7 @@ def run_torch(steps: int) -> dict:
   }
 
 
-def _child(impl: str, steps: int) -> dict:
+def _child(impl: str, steps: int, variant: str = "official") -> dict:
   cmd = [
     sys.executable,
     "-m",
@@ -404,42 +422,62 @@ def _child(impl: str, steps: int) -> dict:
     impl,
     "--steps",
     str(steps),
+    "--torch_variant",
+    variant,
     "--child",
   ]
   proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if proc.returncode != 0:
-    raise RuntimeError(f"{impl} benchmark failed:\n{proc.stderr[-4000:]}")
+    raise RuntimeError(f"{impl} ({variant}) benchmark failed:\n{proc.stderr[-4000:]}")
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--impl", choices=("both", "jax", "torch"), default="both")
+  parser.add_argument(
+    "--torch_variant",
+    choices=("both",) + TORCH_VARIANTS,
+    default="both",
+    help="official: the official code's structure (teacher once per capability, dynamic "
+    "weights); best: teacher once per sample, static weights; both: one run of each",
+  )
   parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per impl")
   parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.child:
-    result = run_jax(args.steps) if args.impl == "jax" else run_torch(args.steps)
+    if args.impl == "jax":
+      result = run_jax(args.steps)
+    else:
+      result = run_torch(args.steps, args.torch_variant)
     print(json.dumps(result))
     return
-  impls = ("jax", "torch") if args.impl == "both" else (args.impl,)
-  results = {impl: _child(impl, args.steps) for impl in impls}
-  for impl, r in results.items():
+  variants = TORCH_VARIANTS if args.torch_variant == "both" else (args.torch_variant,)
+  runs = [("jax", "official")] if args.impl in ("both", "jax") else []
+  if args.impl in ("both", "torch"):
+    runs += [("torch", v) for v in variants]
+  results = {}
+  for impl, variant in runs:
+    r = _child(impl, args.steps, variant)
+    results[r["impl"]] = r
+  for name, r in results.items():
     times = ", ".join(f"{t:.3f}" for t in r["step_seconds"])
     print(
-      f"{impl:>5}: {r['samples_per_second']:.2f} samples/s (median of steps [{times}] s), "
+      f"{name:>13}: {r['samples_per_second']:.2f} samples/s (median of steps [{times}] s), "
       f"first step {r['first_step_seconds']:.1f} s, peak RSS during the timed steps "
       f"{r['step_peak_rss_mb']:.0f} MB (whole process incl. imports/compile "
       f"{r['peak_rss_mb']:.0f} MB)"
     )
-  if len(results) == 2:
-    jax_r, torch_r = results["jax"], results["torch"]
+  jax_r = results.get("jax")
+  for name, torch_r in results.items():
+    if jax_r is None or name == "jax":
+      continue
     speed = jax_r["samples_per_second"] / torch_r["samples_per_second"]
     best = jax_r["best_samples_per_second"] / torch_r["best_samples_per_second"]
     mem = jax_r["step_peak_rss_mb"] / torch_r["step_peak_rss_mb"]
     whole = jax_r["peak_rss_mb"] / torch_r["peak_rss_mb"]
     print(
-      f"jax/torch: throughput x{speed:.2f} (median steps), x{best:.2f} (best steps), "
+      f"jax/{name}: throughput x{speed:.2f} (median steps), x{best:.2f} (best steps), "
       f"step peak memory x{mem:.2f}, whole-process peak x{whole:.2f}"
     )
   print(json.dumps(results))
