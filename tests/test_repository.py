@@ -36,8 +36,11 @@ SKIPPED_DIRS = {".git", ".venv", "__pycache__", "build", ".pytest_cache", ".ruff
 # A path to a folder beside the repository, or an absolute path of one machine.
 OUTSIDE = {
   "a sibling 'shared' folder": re.compile(r"\.\./share[d]\b|\bshare[d]/(reference|data)\b"),
+  # The folder beside the clone (`parents[2]`, then its name, then "data"); a teacher that is
+  # called like it (`teachers / <that name>`) is no such path.
   "a 'shared' path component": re.compile(
-    r"[\"']share[d][\"']\s*/|/\s*[\"']share[d][\"']|[\"']\.\.[\"']\s*,\s*[\"']share[d][\"']"
+    r"[\"']share[d][\"']\s*/\s*[\"'](dat[a]|referenc[e])[\"']"
+    r"|parents\[\d+\]\s*/\s*[\"']share[d][\"']|[\"']\.\.[\"']\s*,\s*[\"']share[d][\"']"
   ),
   "an absolute machine path": re.compile(r"(?<![\w.:/-])/(wor[k]|hom[e]|roo[t])/\w"),
   "a notes file that lives outside docs/": re.compile(

@@ -44,7 +44,7 @@ REASONING_WINDOWS = ((1, (1, 2)), (2, (2, 3)))  # g = m - k + 1 = 3 - 2 + 1 = 2
 PLANNING_PAIR = (3, (4,))  # the penultimate block of each model
 DEEPEST = {"sup": None, "perception": 0, "reasoning": 2, "planning": 3}
 NAMES = tuple(DEEPEST)
-# The official rows, written out (drivekd_method.md §3.2), and an asymmetric matrix whose
+# The official rows, written out (docs/drivekd_method.md §3.2), and an asymmetric matrix whose
 # transpose differs, both with rows summing to 1.
 OFFICIAL_MIXING = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8]])
 ASYMMETRIC_MIXING = np.array([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.05, 0.15, 0.8]])
@@ -131,7 +131,7 @@ def build(config: DistillConfig, *, combiner=None, inner=None, lr=1e-3):
   return step_lib.jit_train_step(step, donate=False), state, teachers, (graphdef, teacher)
 
 
-# ---- The oracle: the formulas of drivekd_method.md §2.3 / §3.2 on every-layer full maps. ----
+# ---- The oracle: the formulas of docs/drivekd_method.md §2.3 / §3.2 on every-layer full maps. ----
 
 
 def _all_maps(model, batch):

@@ -17,10 +17,10 @@ patch 14, merge 2): distillation compares attention maps position by position ov
 sequence, so their image-token counts must be equal, and one processor setting is used for both
 (`models.qwen25_vl.check_same_image_tokens` rejects anything else; maps are never re-aligned).
 
-The recipe is the official code's (drivekd_method.md §3), as for the InternVL3 rows: mixing rows
-0.8/0.1/0.1, dynamic loss weights, AGP per sample, micro-batch 1, 4 accumulated samples per AdamW
-update (lr 5e-5, betas 0.9/0.999, no weight decay), cosine decay to 1%, full fine-tuning. Layer
-windows: the 3B student has 36 decoder blocks (penultimate 34), the 7B teacher 28 (26); the
+The recipe is the official code's (docs/drivekd_method.md §3), as for the InternVL3 rows: mixing
+rows 0.8/0.1/0.1, dynamic loss weights, AGP per sample, micro-batch 1, 4 accumulated samples per
+AdamW update (lr 5e-5, betas 0.9/0.999, no weight decay), cosine decay to 1%, full fine-tuning.
+Layer windows: the 3B student has 36 decoder blocks (penultimate 34), the 7B teacher 28 (26); the
 signals resolve their negative indices per model.
 
 Presets are named "qwen2.5-vl-<size>" (`models.presets.model_config`). Images: with one 448 px
