@@ -5,11 +5,11 @@
 Builds the experiment (`train.experiment`: data, student, teachers warmed if asked, step), runs
 `train.loop.train_loop` until `num_steps` or a stop request, then answers the held-out questions
 with the student (and every teacher when `eval.teachers`) and writes `eval_summary.json`.
+With `export_dir` set the trained student is also written there in the HF layout.
 A fresh run (no checkpoint yet) first answers them with the untrained student
 (`<workdir>/student_before/`). Last it prints the per-capability accuracy of every model
 answered (`eval.results`: teachers, student before, student after) and writes it to
 `<workdir>/results.json` and `results.md`.
-With `export_dir` set the trained student is also written there in the HF layout.
 A stop request (SIGTERM) saves and returns `{"preempted": True}`; `launch.py` then exits 143.
 """
 
