@@ -146,3 +146,20 @@ def test_flops_estimate_matches_hand_count():
   # Qwen2.5-0.5B: ~0.36B matmul weights in the blocks plus the 136M head.
   assert 4.5e8 < metrics_lib.decoder_matmul_params(text) < 5.5e8
   assert metrics_lib.detect_peak_flops(jax.devices()[0]) is None  # CPU: no MFU
+
+
+def test_checkpoint_keeps_zero_size_arrays(tmp_path):
+  """An AGP state without capabilities holds an empty order, which Orbax will not write: it is
+  left out on save and comes back, empty and sharded, on restore."""
+  mesh = sharding_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  repl = sharding_lib.replicated(mesh)
+  state = {"a": jnp.arange(3.0), "order": jnp.zeros((0,), jnp.int32)}
+  state = jax.device_put(state, repl)
+  with ckpt_lib.Checkpointer(str(tmp_path / "ck"), async_save=False) as checkpointer:
+    assert checkpointer.save(1, state, rng=jax.random.key(0), force=True)
+    checkpointer.wait()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), state)
+    restored = checkpointer.restore_latest(abstract, jax.eval_shape(lambda: jax.random.key(0)))
+  assert restored.state["order"].shape == (0,) and restored.state["order"].dtype == jnp.int32
+  assert restored.state["order"].sharding == repl
+  np.testing.assert_array_equal(restored.state["a"], [0.0, 1.0, 2.0])

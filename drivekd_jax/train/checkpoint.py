@@ -69,6 +69,27 @@ def data_to_keys(tree: Any, like: Any) -> Any:
   return jax.tree.map(one, tree, like)
 
 
+def _is_empty(x: Any) -> bool:
+  return hasattr(x, "shape") and hasattr(x, "dtype") and 0 in tuple(x.shape)
+
+
+def _without_empty(tree: Any) -> Any:
+  """`tree` with zero-size arrays as None: Orbax refuses to write them (an AGP state with no
+  capability holds an empty order); they carry no data and come back from their abstract form."""
+  return jax.tree.map(lambda x: None if _is_empty(x) else x, tree)
+
+
+def _with_empty(restored: Any, target: Any) -> Any:
+  """Puts the zero-size arrays of `target` (ShapeDtypeStructs) back into `restored`."""
+
+  def one(value, abstract):
+    if value is None and _is_empty(abstract):
+      return jax.device_put(np.zeros(abstract.shape, abstract.dtype), abstract.sharding)
+    return value
+
+  return jax.tree.map(one, restored, target, is_leaf=lambda x: x is None)
+
+
 def _abstract(tree: Any) -> Any:
   """ShapeDtypeStructs with shardings for a concrete or abstract tree."""
 
@@ -174,7 +195,7 @@ class Checkpointer:
     meta = {"step": int(step), **(metadata or {})}
     rng_data = jax.random.key_data(rng) if _is_key(rng) else rng
     args = ocp.args.Composite(
-      state=ocp.args.StandardSave(keys_to_data(state)),
+      state=ocp.args.StandardSave(_without_empty(keys_to_data(state))),
       rng=ocp.args.StandardSave({"key_data": rng_data}),
       data=ocp.args.JsonSave(_json_safe_data_state(data_state)),
       meta=ocp.args.JsonSave(json.loads(json.dumps(meta, default=str))),
@@ -191,13 +212,13 @@ class Checkpointer:
     restored = self._manager.restore(
       step,
       args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target),
+        state=ocp.args.StandardRestore(_without_empty(target)),
         rng=ocp.args.StandardRestore(rng_target),
         data=ocp.args.JsonRestore(),
         meta=ocp.args.JsonRestore(),
       ),
     )
-    state = data_to_keys(restored.state, abstract_state)
+    state = data_to_keys(_with_empty(restored.state, target), abstract_state)
     rng = restored.rng["key_data"]
     if _is_key(abstract_rng):
       rng = jax.random.wrap_key_data(rng, impl=_key_impl(abstract_rng))
