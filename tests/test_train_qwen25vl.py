@@ -31,6 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 TEXTS = ["What colour is the car ahead? A. red B. blue", "Stop at the light: yes."] * 8
 
 
+TEACHER = "shared"  # the Qwen config's one teacher (the official default name)
+
+
 @pytest.fixture(scope="module")
 def bpe(tmp_path_factory):
   return train_bpe_tokenizer(TEXTS, 300, tmp_path_factory.mktemp("tok") / "tokenizer.json")
@@ -243,7 +246,7 @@ def test_tiny_qwen_distillation_runs_end_to_end(tmp_path):
   out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
   log = out.stdout + out.stderr
   assert out.returncode == 0, log[-6000:]
-  warmup = json.loads((workdir / "teachers" / "shared" / "warmup.json").read_text())
+  warmup = json.loads((workdir / "teachers" / TEACHER / "warmup.json").read_text())
   assert [step for step, _ in warmup["loss"]] == [1, 2, 3]
   from drivekd_jax.train import metrics as metrics_lib
 
@@ -258,4 +261,4 @@ def test_tiny_qwen_distillation_runs_end_to_end(tmp_path):
   assert len(answers) >= 1
   assert summary["by_capability"]["overall"]["questions"] == len(answers)
   assert summary["teachers"]["shared"]["questions"] == len(answers)
-  assert (workdir / "teachers" / "shared" / "eval_summary.json").is_file()
+  assert (workdir / "teachers" / TEACHER / "eval_summary.json").is_file()
