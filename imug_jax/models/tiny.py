@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections.abc import Sequence
-from typing import Any
 
 import chex
 import jax
@@ -40,6 +39,7 @@ from drivekd_jax.models.qwen2 import Decoder, KVCache
 from drivekd_jax.models.sampling import SamplerLoop, SamplingMethod
 from imug_jax.models import image_tokenizer as itok
 from imug_jax.models import protocol
+from imug_jax.models.carried_cache import CarriedCacheModel
 from imug_jax.models.protocol import Message, ModelError, Response
 
 
@@ -130,7 +130,7 @@ def split_into_pieces(tokens: list[int], largest: int, suffix: int) -> list[list
   return [*pieces, tokens[start:]]
 
 
-class TinyUnifiedModel:
+class TinyUnifiedModel(CarriedCacheModel):
   """A `UnifiedModel` running a small `Decoder` in process (see the module docstring).
 
   Args:
@@ -228,47 +228,8 @@ class TinyUnifiedModel:
     self.tokens: list[int] = []  # Real tokens held by the conditional rows, in order.
     self.slots: list[int] = []  # The cache slot of each of them.
 
-  def _rollback(self, keep: int) -> None:
-    """Keeps the first `keep` committed tokens; later slots become free; unconditional rows empty.
-
-    Runs eagerly on a few small arrays; shapes never change, so no jitted turn retraces.
-    """
-    length = self.slots[keep - 1] + 1 if keep else 0
-    n = self.config.num_samples
-    slot = jnp.arange(self.config.cache_length)
-    row = jnp.arange(self.rows)[:, None]
-    key_mask = self.cache.key_mask & (slot[None] < length) & (row < n)
-    next_position = jnp.where(jnp.arange(self.rows) < n, keep, 0).astype(jnp.int32)
-    self.cache = self.cache.replace(
-      key_mask=key_mask, length=jnp.asarray(length, jnp.int32), next_position=next_position
-    )
-    del self.tokens[keep:], self.slots[keep:]
-
-  def _bucket(self, length: int) -> int:
-    for bucket in self.config.chunk_buckets:
-      if length <= bucket:
-        return bucket
-    raise ModelError(
-      f"a chunk of {length} tokens exceeds the largest bucket {self.config.chunk_buckets[-1]}"
-    )
-
-  # -------------------------------------------------------------------------------- responding
-
-  def respond(
-    self, history: Sequence[Message], output_mode: str, temperature: float = 0.7, rng: Any = None
-  ) -> Response:
-    return self.respond_batch(history, output_mode, temperature, rng)[0]
-
-  def respond_batch(
-    self, history: Sequence[Message], output_mode: str, temperature: float = 0.7, rng: Any = None
-  ) -> list[Response]:
-    """`num_samples` answers to the same history, decoded as one batch."""
-    if output_mode not in protocol.OUTPUT_MODES:
-      raise ValueError(f"output_mode must be one of {protocol.OUTPUT_MODES}, got {output_mode!r}")
-    rng = jax.random.key(0) if rng is None else rng
-    self.token_budget.check(history)  # Before any tokenizing: what cannot fit costs nothing.
-    with self._lock:
-      return self._respond(list(history), output_mode, float(temperature), rng)
+  def _committed(self) -> list:
+    return self.tokens
 
   def _pieces(self, delta: list[int], suffix: int) -> list[list[int]]:
     return split_into_pieces(delta, self.config.chunk_buckets[-1], suffix)
