@@ -2,9 +2,10 @@
 
 import os
 
-os.environ["XLA_FLAGS"] = (
-  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+_FAKE_DEVICES = "--xla_force_host_platform_device_count=8"
+# pytest-xdist workers inherit the controller's environment, so the flag may already be there.
+if _FAKE_DEVICES not in os.environ.get("XLA_FLAGS", "").split():
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAKE_DEVICES}".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
