@@ -100,6 +100,7 @@ def score_and_report(
   num_boot: int = 1000,
   seed: int = 0,
   print_tables: bool = True,
+  diagnostics: dict | None = None,
 ) -> dict[str, Any]:
   """Scores every run under `out_dir`, then writes summary.json, report.md and the plots.
 
@@ -114,6 +115,7 @@ def score_and_report(
     options: scoring options (MCQ parser, retries, missing-output policy, workers...).
     num_boot, seed: bootstrap settings of the exposure-bias analysis.
     print_tables: print the official tables.
+    diagnostics: `imug_jax.tts.diagnostics.diagnose`'s result, reported as it is.
 
   Returns:
     The summary.json payload.
@@ -172,6 +174,8 @@ def score_and_report(
   }
   payload["tts"] = {run: tts_gains.gains(rows[base], rows[run]) for run, base in scaled.items()}
   payload["runs"] = {"baselines": baselines, "references": references, "tts": scaled}
+  if diagnostics is not None:
+    payload["tts_diagnostics"] = diagnostics
 
   figures = _plots(payload, report_dir)
   (report_dir / "summary.json").write_text(
@@ -193,7 +197,8 @@ def run_from_config(config, workdir: str | Path, model, bench: release_lib.Relea
   judge_model, api_key_env, timeout_s, official_prompts_dir, mcq_parser, missing_output,
   judge_retries, workers, grid_subdomains, num_boot.
   config.tts (optional): strategies (subset of ["cot", "verify", "bon"]), rounds, n, verifier
-  ("self" | "judge").
+  ("self" | "judge"), diagnostics (default True: with the oracle judge, what the model answers
+  to the strategies' questions against the ground truth, `imug_jax.tts.diagnostics`).
   """
   scoring = _section(config, "scoring")
   tts = _section(config, "tts")
@@ -204,10 +209,11 @@ def run_from_config(config, workdir: str | Path, model, bench: release_lib.Relea
   if max_samples:
     samples = samples[:max_samples]
   strategies = list(tts.get("strategies", ()))
+  n = int(tts.get("n", 4))
+  batch_model = _batch_model(model, n) if strategies else None
   if strategies:
     from imug_jax.tts import run as tts_run
 
-    n = int(tts.get("n", 4))
     wrapped = tts_run.build_wrappers(
       model,
       strategies,
@@ -215,7 +221,7 @@ def run_from_config(config, workdir: str | Path, model, bench: release_lib.Relea
       n=n,
       verifier=tts.get("verifier", "self"),
       judge=judge,
-      batch_model=_batch_model(model, n),
+      batch_model=batch_model,
     )
     rollout = _section(config, "rollout")
     tts_run.rollout_strategies(
@@ -227,6 +233,19 @@ def run_from_config(config, workdir: str | Path, model, bench: release_lib.Relea
       seed=rollout.get("seed", 0),
       force=rollout.get("force", False),
       progress=rollout.get("progress", False),
+    )
+  diagnosed = None
+  if strategies and isinstance(judge, OracleJudge) and tts.get("diagnostics", True):
+    from imug_jax.tts import diagnostics
+
+    diagnosed = diagnostics.diagnose(
+      model,
+      bench,
+      samples=samples,
+      temperature=_section(config, "rollout").get("temperature", 0.7),
+      n=n,
+      batch_model=batch_model,
+      seed=_section(config, "rollout").get("seed", 0),
     )
   grid_default = ScoringOptions().grid_subdomains
   if isinstance(judge, OracleJudge):
@@ -253,6 +272,7 @@ def run_from_config(config, workdir: str | Path, model, bench: release_lib.Relea
     prompts=prompts,
     options=options,
     num_boot=int(scoring.get("num_boot", 1000)),
+    diagnostics=diagnosed,
   )
 
 
@@ -518,6 +538,10 @@ def _markdown(payload: dict, failures: Mapping[str, list], figures: Mapping[str,
       lines.append(f"| {run} | {cells} |")
     if "tts" in figures:
       lines += ["", f"![TTS gains]({figures['tts']})"]
+  if payload.get("tts_diagnostics"):
+    from imug_jax.tts import diagnostics
+
+    lines += diagnostics.markdown(payload["tts_diagnostics"])
   failed = {run: f for run, f in failures.items() if f}
   if failed:
     lines += ["", "## Turns that could not be scored (not counted in any mean)", ""]

@@ -89,8 +89,14 @@ def _synthetic(root: Path, num_samples, seed: int, field: str) -> release_lib.Re
 
 
 def text_corpus(bench: release_lib.Release) -> list[str]:
-  """Every text of the benchmark (instructions, questions, system prompts) for the tokenizer."""
-  texts = []
+  """Every text of the benchmark (instructions, questions, system prompts) for the tokenizer,
+  with the test-time-scaling prompts and answers, and on a synthetic benchmark the plans of its
+  image turns (what `imug_jax.models.tiny_train` teaches besides the dialogues)."""
+  from imug_jax.models import tiny_train
+
+  texts = tiny_train.strategy_texts()
+  if (bench.data_dir / synthetic.META).is_file():
+    texts += tiny_train.plan_texts(bench)
   for sample in bench.samples or ():
     if sample.system_prompt:
       texts.append(sample.system_prompt)

@@ -47,7 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
       intermediate_size=128,
       cache_length=2048,
       chunk_buckets=(64, 256),
-      max_text_tokens=8,
+      max_text_tokens=32,  # A chain-of-thought plan takes up to 30 tokens.
       guidance=3.0,
       num_samples=1,
     )
@@ -56,12 +56,23 @@ def get_config() -> ml_collections.ConfigDict:
   # A teacher-forced fit on the train split's ground truth (imug_jax.models.tiny_train);
   # steps=0: the untrained model.
   config.model.train = ml_collections.ConfigDict()
-  config.model.train.steps = 300
+  config.model.train.steps = 400
   config.model.train.batch_size = 4
   config.model.train.max_length = 1280
   config.model.train.learning_rate = 3e-3
   config.model.train.unconditional_fraction = 0.1
   config.model.train.seed = 0
+  # Rows that teach what the test-time-scaling strategies ask (tiny_train's module docstring):
+  # the chain-of-thought plan, the self-check's YES/NO and the best-of-N rating, on candidates
+  # that are the target (target_candidate_fraction) or wrong ones of these kinds (weights).
+  # The rest of the rows are whole ground-truth dialogues.
+  config.model.train.plan_fraction = 0.15
+  config.model.train.check_fraction = 0.1
+  config.model.train.rate_fraction = 0.15
+  config.model.train.target_candidate_fraction = 0.5
+  config.model.train.wrong_candidates = ml_collections.ConfigDict(
+    dict(recolour=1.0, shift=1.0, erase=1.0, other_turn=1.0, noise=1.0)
+  )
 
   config.rollout = ml_collections.ConfigDict()
   config.rollout.temperature = 0.7
@@ -90,4 +101,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.tts.rounds = 2  # Self-verification: regenerations at most.
   config.tts.n = 4  # Best-of-N candidates.
   config.tts.verifier = "self"  # Best-of-N verifier: "self" (the model) or "judge" (a chat judge).
+  # With the oracle judge: the model's plans, checks and ratings on held-out turns against the
+  # ground truth (imug_jax.tts.diagnostics), in the report.
+  config.tts.diagnostics = True
   return config

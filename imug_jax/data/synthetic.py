@@ -664,6 +664,48 @@ def ground_truth_answer(
   return oracle_dynamic_answer(entry, image)
 
 
+_PLAN_FILLS = ("grey", "red", "green")  # The grid's fill colours, in the order a plan lists them.
+
+
+def plan_text(subdomain: str, tokens: np.ndarray) -> str:
+  """The chain-of-thought plan of a target image: what it shows, read exactly off its lattice.
+
+  `tokens` is the target's palette tokens [G, G] (`judges.oracle.lattice_tokens`). Per script:
+  grid_coloring "Grid. grey: top-left, centre. red: top-right." (filled cells per colour, or
+  "Empty grid."); paint_mixing "orange canvas, red border." (no border clause without one);
+  block_stacking "3 blue blocks."; litmus_test "red strip.".
+  """
+  tokens = np.asarray(tokens)
+  if tokens.shape != (_G, _G):
+    raise ValueError(f"plan_text: tokens must be [{_G}, {_G}], got {tokens.shape}")
+  names = np.asarray(itok.COLOUR_NAMES, dtype=object)[TOKENIZER.colours(tokens)]
+  if subdomain == "grid_coloring":
+    cells: dict[str, list[str]] = {}
+    for a in range(3):
+      for b in range(3):
+        fill = names[a * _CELL + 1, b * _CELL + 1]  # Inside the gutter: the cell's fill.
+        if fill != "white":
+          cells.setdefault(str(fill), []).append(_CELL_NAMES[3 * a + b])
+    order = sorted(cells, key=lambda c: (_PLAN_FILLS.index(c) if c in _PLAN_FILLS else 9, c))
+    parts = [f"{colour}: {', '.join(cells[colour])}." for colour in order]
+    return " ".join(["Grid.", *parts]) if parts else "Empty grid."
+  if subdomain == "paint_mixing":
+    inside, edge = names[_G // 2, _G // 2], names[0, 0]
+    return f"{inside} canvas." if edge == inside else f"{inside} canvas, {edge} border."
+  if subdomain == "block_stacking":
+    painted = (names != "white") & (names != "black")
+    if not painted.any():
+      return "No blocks."
+    values, counts = np.unique(names[painted], return_counts=True)
+    return f"{int(painted.any(axis=1).sum())} {values[counts.argmax()]} blocks."
+  if subdomain == "litmus_test":
+    return f"{names[_G // 2, _G // 2 - 1]} strip."
+  raise ValueError(f"plan_text: no plan for subdomain {subdomain!r}; known: {_SUBDOMAINS}")
+
+
+_SUBDOMAINS = tuple(subdomain for _, subdomain, _ in DOMAINS)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", required=True, help="output folder")

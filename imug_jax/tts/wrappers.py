@@ -86,18 +86,28 @@ class ChainOfThought(_Wrapper):
     self.plan_prompt, self.draw_prompt = plan_prompt, draw_prompt
     self.plan_temperature = plan_temperature
 
-  def _image(self, history, temperature, rng):
-    plan_key, draw_key = split(rng, 2)
-    ask = [*history, protocol.message("user", [protocol.text_item(self.plan_prompt)])]
-    plan_temperature = temperature if self.plan_temperature is None else self.plan_temperature
-    plan = self._call(ask, "text_only", plan_temperature, plan_key).text or ""
-    draw = [
-      *ask,
+  def plan_request(self, history: Sequence[Message]) -> list[Message]:
+    """history (ending with the image turn's user message) + the plan question."""
+    return [*history, protocol.message("user", [protocol.text_item(self.plan_prompt)])]
+
+  def draw_request(self, history: Sequence[Message], plan: str) -> list[Message]:
+    """The plan request + the plan as the assistant's answer + the draw instruction."""
+    return [
+      *self.plan_request(history),
       protocol.message("assistant", [protocol.text_item(plan)]),
       protocol.message("user", [protocol.text_item(self.draw_prompt)]),
     ]
+
+  def plan(self, history: Sequence[Message], temperature: float, rng: Any) -> str:
+    """The model's plan for the image turn `history` ends with."""
+    plan_temperature = temperature if self.plan_temperature is None else self.plan_temperature
+    return self._call(self.plan_request(history), "text_only", plan_temperature, rng).text or ""
+
+  def _image(self, history, temperature, rng):
+    plan_key, draw_key = split(rng, 2)
+    plan = self.plan(history, temperature, plan_key)
     self.last_plan = plan
-    return self._call(draw, "image_only", temperature, draw_key)
+    return self._call(self.draw_request(history, plan), "image_only", temperature, draw_key)
 
 
 class SelfVerification(_Wrapper):
@@ -177,13 +187,17 @@ class BestOfN(_Wrapper):
       responses += got
     return responses[: self.n]
 
-  def _image(self, history, temperature, rng):
+  def choose(self, history, temperature, rng) -> tuple[list[Response], list[float], int]:
+    """(N candidates, their verifier scores, the index picked: the best, ties to the first)."""
     sample_key, verify_key = split(rng, 2)
     candidates = self.candidates(history, temperature, sample_key)
     keys = split(verify_key, self.n)
     scores = [self.verifier.score(history, c.image, k) for c, k in zip(candidates, keys)]
-    self.last_scores = scores
-    return candidates[int(np.argmax(scores))]  # ties: the first candidate
+    return candidates, scores, int(np.argmax(scores))
+
+  def _image(self, history, temperature, rng):
+    candidates, self.last_scores, best = self.choose(history, temperature, rng)
+    return candidates[best]
 
 
 STRATEGIES = {"cot": ChainOfThought, "verify": SelfVerification, "bon": BestOfN}
