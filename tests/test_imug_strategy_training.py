@@ -161,6 +161,9 @@ def test_a_wrong_kind_changes_what_it_names():
   assert synthetic.plan_text("block_stacking", erased) in ("1 blue blocks.", "2 blue blocks.")
   other = synthetic.draw_stack(5, "blue")
   assert np.array_equal(tiny_train.wrong_candidate("other_turn", target, (other,), rng), other)
+  blank = synthetic.draw_canvas("white")  # Nothing to move, erase or recolour: still wrong.
+  for kind in tiny_train.WRONG_KINDS:
+    assert not np.array_equal(tiny_train.wrong_candidate(kind, blank, (blank,), rng), blank)
   with pytest.raises(ValueError, match="unknown wrong-candidate kind 'blur'"):
     tiny_train.wrong_candidate("blur", target, (), rng)
 
