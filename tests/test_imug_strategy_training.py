@@ -1,6 +1,8 @@
 """The tiny model's rows for the test-time-scaling strategies: plans, YES/NO checks and ratings
 exact against the synthetic ground truth and the oracle, in the wrappers' own messages."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -245,3 +247,75 @@ def test_diagnostics_score_a_perfect_model_in_full_and_catch_a_yes_sayer(tmp_pat
   assert all(lazy["check"][f"wrong/{w}"]["rate"] == 0.0 for w in tiny_train.WRONG_KINDS)
   assert lazy["best_of_n"]["best"]["mean"] == 0.0
   assert "YES/NO correct" in "\n".join(diagnostics.markdown(lazy))
+
+
+def _summary(own, reference, gain):
+  """A report summary.json of one seed: turns 1 and 3, one strategy run."""
+
+  def groups(values):
+    by_turn = {str(t): {"mean": {"value": v}, "count": 2} for t, v in zip((1, 3), values)}
+    return {"overall": {"by_turn": by_turn}}
+
+  return {
+    "runs": {"baselines": ["m"]},
+    "models": {"m": {"overall": {"image": {"mean": float(np.mean(own))}}}},
+    "exposure": {"m": {"groups": groups(own), "reference_groups": groups(reference)}},
+    "tts": {
+      "m+cot": {
+        "image": {"gain": gain, "scaled": float(np.mean(own)) + gain},
+        "by_turn": {"1": {"gain": gain}, "3": {"gain": 2 * gain}},
+      }
+    },
+    "tts_diagnostics": {
+      "turns": 4,
+      "plan": {"exact": {"rate": gain / 10, "count": 4}},
+      "check": {
+        "target": {"rate": 1.0, "count": 4},
+        "own_accepted_match": {"mean": None, "count": 0},
+        "own_rejected_match": {"mean": own[0], "count": 4},
+      },
+      "rate": {
+        "target": {"mean_rating": gain, "mean_label": 5.0, "exact": 0.5, "count": 4},
+        "own_spearman": None,
+      },
+      "best_of_n": {
+        "n": 2,
+        **{k: {"mean": own[1], "count": 4} for k in ("picked", "random", "best")},
+      },
+    },
+  }
+
+
+def test_seeds_average_each_turn_and_keep_the_spread(tmp_path):
+  from imug_jax import seeds
+
+  workdirs = []
+  for index, (own, reference, gain) in enumerate(
+    [((30.0, 10.0), (30.0, 20.0), 1.0), ((20.0, 4.0), (20.0, 8.0), 3.0)]
+  ):
+    (tmp_path / f"s{index}" / "report").mkdir(parents=True)
+    (tmp_path / f"s{index}" / "report" / "summary.json").write_text(
+      json.dumps(_summary(own, reference, gain))
+    )
+    workdirs.append(tmp_path / f"s{index}")
+  result = seeds.combine(workdirs)
+  assert result["history"][1]["own"] == {
+    "mean": 25.0,
+    "low": 20.0,
+    "high": 30.0,
+    "seeds": [30.0, 20.0],
+  }
+  assert result["history"][3]["gap"]["mean"] == -7.0  # (10 - 20 + 4 - 8) / 2
+  assert result["tts"]["m+cot"]["by_turn"][3]["mean"] == 4.0
+  diagnosed = result["diagnostics"]
+  assert diagnosed["plan"]["exact"] == {"rate": 0.2, "count": 4}
+  assert diagnosed["check"]["own_rejected_match"]["mean"] == 25.0
+  assert diagnosed["best_of_n"]["n"] == 2 and diagnosed["rate"]["own_spearman"] is None
+  plots = seeds.write(result, tmp_path / "out")
+  assert [p.name for p in plots] == ["own_vs_reference.png", "tts_gains.png"]
+  assert (
+    "| 3 | 7.00 [4.00, 10.00] | 14.00 [8.00, 20.00] | -7.00 [-10.00, -4.00] | 2 |"
+    in (tmp_path / "out" / "seeds.md").read_text()
+  )
+  with pytest.raises(FileNotFoundError, match="no report"):
+    seeds.combine([tmp_path / "missing"])
