@@ -56,8 +56,8 @@ def get_config() -> ml_collections.ConfigDict:
   # A teacher-forced fit on the train split's ground truth (imug_jax.models.tiny_train);
   # steps=0: the untrained model.
   config.model.train = ml_collections.ConfigDict()
-  config.model.train.steps = 400
-  config.model.train.batch_size = 4
+  config.model.train.steps = 300
+  config.model.train.batch_size = 6
   config.model.train.max_length = 1280
   config.model.train.learning_rate = 3e-3
   config.model.train.unconditional_fraction = 0.1
@@ -65,10 +65,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Rows that teach what the test-time-scaling strategies ask (tiny_train's module docstring):
   # the chain-of-thought plan, the self-check's YES/NO and the best-of-N rating, on candidates
   # that are the target (target_candidate_fraction) or wrong ones of these kinds (weights).
-  # The rest of the rows are whole ground-truth dialogues.
-  config.model.train.plan_fraction = 0.15
+  # The rest of the rows are whole ground-truth dialogues: 60% of 6 rows a step, as many as the
+  # 90% of 4 rows of a fit on the dialogues alone (batch_size 4): the strategies' rows are added.
+  config.model.train.plan_fraction = 0.1
   config.model.train.check_fraction = 0.1
-  config.model.train.rate_fraction = 0.15
+  config.model.train.rate_fraction = 0.1
   config.model.train.target_candidate_fraction = 0.5
   config.model.train.wrong_candidates = ml_collections.ConfigDict(
     dict(recolour=1.0, shift=1.0, erase=1.0, other_turn=1.0, noise=1.0)
