@@ -196,7 +196,12 @@ def markdown(result: dict[str, Any]) -> list[str]:
     f"- Best-of-{bon['n']} on the model's own candidates (mean oracle image score, %): picked by "
     f"its self-rating {_fmt_mean(bon['picked'])}, a random candidate {_fmt_mean(bon['random'])}, "
     f"the oracle's best {_fmt_mean(bon['best'])}; rank correlation of self-ratings with the "
-    f"oracle {rate['own_spearman'] if rate['own_spearman'] is not None else '-'}.",
+    "oracle "
+    + (
+      f"{rate['own_spearman']:.2f}."
+      if rate["own_spearman"] is not None
+      else "undefined (the self-ratings, or the oracle's scores, are all equal)."
+    ),
     f"- Self-verification of its own first candidate: oracle score of those it accepted "
     f"{_fmt_mean(check['own_accepted_match'])} (n={check['own_accepted_match']['count']}), "
     f"rejected {_fmt_mean(check['own_rejected_match'])} "
