@@ -49,7 +49,9 @@ def _load(workdir: str | Path) -> dict:
 
 
 def _mean_leaves(trees: Sequence[Any]) -> Any:
-  """The element-wise mean of the numbers in equally shaped JSON trees (others: the first)."""
+  """The element-wise mean of the numbers in equally shaped JSON trees; a leaf that is not a
+  number in every tree is kept where all trees agree, else None (e.g. a correlation undefined in
+  one seed)."""
   first = trees[0]
   if isinstance(first, dict):
     return {k: _mean_leaves([t.get(k) for t in trees]) for k in first}
@@ -61,7 +63,7 @@ def _mean_leaves(trees: Sequence[Any]) -> Any:
       if all(isinstance(t, int) for t in numbers) and mean.is_integer()
       else round(mean, 4)
     )
-  return first
+  return first if all(t == first for t in trees) else None
 
 
 def combine(workdirs: Sequence[str | Path]) -> dict[str, Any]:
