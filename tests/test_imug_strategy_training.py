@@ -319,3 +319,28 @@ def test_seeds_average_each_turn_and_keep_the_spread(tmp_path):
   )
   with pytest.raises(FileNotFoundError, match="no report"):
     seeds.combine([tmp_path / "missing"])
+
+
+@pytest.mark.slow
+def test_training_draws_the_strategies_rows_by_their_fractions(setting, monkeypatch):
+  bench, model, _ = setting
+  drawn = []
+  sample = tiny_train.StrategyRows.sample
+
+  def recording(self, kind, rng):
+    drawn.append(kind)
+    return sample(self, kind, rng)
+
+  monkeypatch.setattr(tiny_train.StrategyRows, "sample", recording)
+  config = tiny_train.TrainConfig(
+    steps=2,
+    batch_size=8,
+    max_length=1280,
+    unconditional_fraction=0.0,
+    plan_fraction=0.4,
+    check_fraction=0.3,
+    rate_fraction=0.3,
+  )
+  losses = tiny_train.train(model, bench, config)
+  assert len(losses) == 2 and np.isfinite(losses).all()
+  assert len(drawn) == 16 and set(drawn) == {"plan", "check", "rate"}
