@@ -47,13 +47,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     raise ValueError(f"configs/drivekd/demo.py:{arg}: expected no argument or 'eval'")
   c = default_config()
   c.task = "drivekd.heldout" if arg == "eval" else "drivekd.train"
-  c.num_steps = 200
-  c.log_every = 10
+  c.num_steps = 800
+  c.log_every = 50
   c.seed = 0
 
   c.data.source = "synthetic"
-  c.data.synthetic.num_train_frames = 300
-  c.data.synthetic.num_test_frames = 100
+  c.data.synthetic.num_train_frames = 1200
+  c.data.synthetic.num_test_frames = 200
   c.data.synthetic.image_size = 56  # the tiny vision tower's input: no resampling
   c.data.synthetic.questions = "grounded"
   c.data.vocab_size = 512
@@ -70,11 +70,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.teachers = ml_collections.ConfigDict()
   c.teachers.vision = teacher_config(hidden_size=128, num_layers=3, intermediate_size=256)
   c.teachers.reasoning = teacher_config(hidden_size=128, num_layers=4, intermediate_size=256)
-  c.teacher_warmup.steps = 600
+  c.teacher_warmup.steps = 1200
   c.teacher_warmup.learning_rate = 3e-3
   c.teacher_warmup.warmup_steps = 10
   c.teacher_warmup.batch_size = 16
-  c.teacher_warmup.log_every = 100
+  c.teacher_warmup.log_every = 200
 
   c.distill.capabilities = ("perception", "reasoning", "planning")
   c.distill.teacher_for = (0, 1, 0)
@@ -86,7 +86,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.optimizer.warmup_steps = 5
   c.optimizer.grad_clip_norm = 1.0
 
-  c.checkpoint.every_steps = 50
+  c.checkpoint.every_steps = 200
   c.checkpoint.keep = 2
 
   c.eval.batch_size = 32
