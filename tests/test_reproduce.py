@@ -149,12 +149,25 @@ def test_grounded_views_show_the_stop_cues_as_large_areas():
 
 def test_grounded_files_and_bad_question_set(tmp_path):
   paths = synthetic.write_synthetic_driving(
-    tmp_path / "g", num_train_frames=6, num_test_frames=2, image_size=32, questions="grounded"
+    tmp_path / "g", num_train_frames=16, num_test_frames=2, image_size=32, questions="grounded"
   )
   train = json.loads(paths.drivekd_train_json.read_text())
   assert {x["question_type"] for x in train} == {"perception", "reasoning", "planning"}
   for item in train:
     assert item["messages"][0]["content"].count("<image>") == len(item["images"]) == 1
+  # The written views are the bold ones: a light's housing centre shows its lit colour.
+  lit = {synthetic._COLORS[c] for c in ("red", "yellow", "green")}
+  lights = [
+    item
+    for item in train
+    if item["question_type"] == "planning" and ",0.2000>" in item["messages"][0]["content"]
+  ]
+  assert lights
+  for item in lights:
+    x = float(item["messages"][0]["content"].split(",")[2])
+    name = item["images"][0].split("/")[-1]
+    view = rec.decode_image((paths.root / "samples" / "CAM_FRONT" / name).read_bytes())
+    assert tuple(view[int(0.2 * 32) + 1, int(x * 32)]) in lit, item
   bench = json.loads(paths.drivebench_json.read_text())
   assert {b["question_type"] for b in bench} <= {"perception", "behavior", "planning"}
   assert all(len(b["answer"]) == 1 for b in bench if b["tag"] == [0])  # MCQ: a letter

@@ -17,8 +17,11 @@ answer follows from scene rules, so a model can learn them and an exact scorer c
 
 That is question set "driving". Set "grounded" (`questions="grounded"`) asks instead a few short
 questions that a tiny model can learn from one rendered view in minutes; each tags one object,
-so only that object's camera view goes with the question, and each has one exact answer (the
-objects are drawn 1.5 times larger than in set "driving"):
+so only that object's camera view goes with the question, and each has one exact answer. Its
+views differ from set "driving" so that a tiny vision tower sees what the answers depend on: the
+objects are drawn 1.5 times larger, a light's whole housing takes the lit colour and a stopped
+vehicle's brake lights cover the lower half of its body (`render_view(bold=True)`), and the
+scenes show a traffic light and a stopped vehicle ahead more often (`GROUNDED_SCENES`):
 
 - perception MCQ (tag 0): the colour of one vehicle of the scene, drawn at random (options A-D:
   red, blue, white, black).
@@ -26,11 +29,11 @@ objects are drawn 1.5 times larger than in set "driving"):
   lane (on CAM_FRONT) oblige the ego vehicle to stop (options A. Yes, B. No)? It does when it is
   a hazard (rules below): a red light, a stopped vehicle close ahead. Non-hazards are asked
   about one time in three, so that Yes and No are about equally frequent.
-
-The options of a grounded MCQ are always listed in the same order.
 - planning VQA (tag 1): the official "actions based on <object>" question about the same
   objects, answered by one short sentence: "Stop.", "Slow down." or "Keep going." (scored by
   exact match, `drivekd_jax.eval.results`).
+
+The options of a grounded MCQ are always listed in the same order.
 
 Scene rules: a red light or stop sign on CAM_FRONT, a pedestrian crossing in the ego lane, or a
 stopped vehicle close ahead in the ego lane is a hazard; then the ego vehicle is "going
