@@ -36,9 +36,16 @@ def test_grounded_answers_follow_the_scene():
   scenes, rng = _scenes()
   seen = {"perception": 0, "behavior": 0, "planning": 0}
   answers = []
+  colour_asked = []  # the vehicle each scene's colour question names
   for scene in scenes:
     by_tag = {o.tag(pixels=False): o for o in scene.objects}
-    for qa in synthetic.grounded_qas(scene, rng):
+    qas = synthetic.grounded_qas(scene, rng)
+    colours = [qa for qa in qas if qa.question_type == "perception"]
+    vehicles = [o for o in scene.objects if o.kind == "vehicle"]
+    assert len(colours) == (1 if vehicles else 0)  # one colour question per scene
+    if len(vehicles) > 1:
+      colour_asked.append([o.tag(pixels=False) in colours[0].bench_q for o in vehicles].index(True))
+    for qa in qas:
       seen[qa.question_type] += 1
       tags = [t for t in by_tag if t in qa.bench_q]
       assert len(tags) == 1, qa.bench_q  # one object, so one camera view goes with it
@@ -65,6 +72,7 @@ def test_grounded_answers_follow_the_scene():
             expected = "Keep going."
           assert qa.bench_a == expected
   assert min(seen.values()) > 10, seen
+  assert len(set(colour_asked)) > 1  # not always the first vehicle
   assert 0.45 < np.mean(answers) < 0.75  # Yes and No about equally often (all asked: 0.35)
 
 
@@ -89,14 +97,77 @@ def test_grounded_colour_is_in_the_rendered_view():
   assert checked > 20
 
 
+def test_grounded_views_show_the_stop_cues_as_large_areas():
+  rng = np.random.default_rng(5)
+  scenes = [
+    synthetic.sample_scene(rng, "s", f"f{i}", **synthetic.GROUNDED_SCENES) for i in range(60)
+  ]
+  lights = stopped = 0
+  for scene in map(lambda s: synthetic.enlarged(s, synthetic.GROUNDED_SCALE), scenes):
+    bold = synthetic.render_view(scene, "CAM_FRONT", 56, bold=True)
+    plain = synthetic.render_view(scene, "CAM_FRONT", 56)
+    for obj in scene.objects:
+      if obj.camera != "CAM_FRONT" or any(
+        o is not obj and o.camera == "CAM_FRONT" and abs(o.x - obj.x) < 0.4 for o in scene.objects
+      ):
+        continue  # an overlapping object may cover it
+      if obj.kind == "traffic_light":
+        # The housing's corner takes the lit colour (plain: dark, the lamp a small disc).
+        row, col = int((obj.y - 0.9 * obj.size) * 56), int((obj.x - 0.25 * obj.size) * 56)
+        assert tuple(bold[row, col]) == synthetic._COLORS[obj.status], obj
+        assert tuple(plain[row, col]) == (20, 20, 20)
+        lights += 1
+      elif obj.kind == "vehicle" and obj.status == "Stopped":
+        # Brake lights over the lower half, from the sides to near the centre.
+        row = int((obj.y + 0.6 * obj.size * 0.3) * 56)
+        col = int((obj.x - 0.2 * obj.size) * 56)
+        assert tuple(bold[row, col]) == (255, 0, 0), obj
+        stopped += 1
+  assert lights > 5 and stopped > 3, (lights, stopped)
+  # The grounded scenes show a light and a stopped vehicle ahead more often than set "driving".
+  rng = np.random.default_rng(5)
+  driving = [synthetic.sample_scene(rng, "s", f"f{i}") for i in range(200)]
+  rng = np.random.default_rng(5)
+  grounded = [
+    synthetic.sample_scene(rng, "s", f"f{i}", **synthetic.GROUNDED_SCENES) for i in range(200)
+  ]
+
+  def share(scenes, test):
+    return np.mean([any(test(o) for o in s.objects) for s in scenes])
+
+  def is_light(o):
+    return o.kind == "traffic_light"
+
+  def is_stopped_ahead(o):
+    return o.kind == "vehicle" and o.in_ego_lane and o.status == "Stopped"
+
+  assert share(grounded, is_light) > 1.5 * share(driving, is_light)
+  assert share(grounded, is_stopped_ahead) > 1.3 * share(driving, is_stopped_ahead)
+  with pytest.raises(ValueError, match="signals must be four"):
+    synthetic.sample_scene(rng, "s", "f", signals=("traffic_light",))
+
+
 def test_grounded_files_and_bad_question_set(tmp_path):
   paths = synthetic.write_synthetic_driving(
-    tmp_path / "g", num_train_frames=6, num_test_frames=2, image_size=32, questions="grounded"
+    tmp_path / "g", num_train_frames=16, num_test_frames=2, image_size=32, questions="grounded"
   )
   train = json.loads(paths.drivekd_train_json.read_text())
   assert {x["question_type"] for x in train} == {"perception", "reasoning", "planning"}
   for item in train:
     assert item["messages"][0]["content"].count("<image>") == len(item["images"]) == 1
+  # The written views are the bold ones: a light's housing centre shows its lit colour.
+  lit = {synthetic._COLORS[c] for c in ("red", "yellow", "green")}
+  lights = [
+    item
+    for item in train
+    if item["question_type"] == "planning" and ",0.2000>" in item["messages"][0]["content"]
+  ]
+  assert lights
+  for item in lights:
+    x = float(item["messages"][0]["content"].split(",")[2])
+    name = item["images"][0].split("/")[-1]
+    view = rec.decode_image((paths.root / "samples" / "CAM_FRONT" / name).read_bytes())
+    assert tuple(view[int(0.2 * 32) + 1, int(x * 32)]) in lit, item
   bench = json.loads(paths.drivebench_json.read_text())
   assert {b["question_type"] for b in bench} <= {"perception", "behavior", "planning"}
   assert all(len(b["answer"]) == 1 for b in bench if b["tag"] == [0])  # MCQ: a letter

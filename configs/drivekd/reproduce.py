@@ -13,11 +13,12 @@ per arm and seed, the arms differing only in the distillation losses:
   multi/sum            CE + all three, gradients summed (official --no-agp)
   multi/agp            CE + all three, combined by AGP (official mode)
 
-with the same data, steps (100 of batch 4) and seeds (0, 1, 2) for every arm. To fit a CPU, one
-teacher (the demo's "vision": hidden 128, 3 layers, 600 CE warm-up steps) serves all three
-capabilities, as in the official default `teacher_for=(0, 0, 0)`; so "multi" means the three
-capabilities' signals, not three teachers. Within a seed the teacher is warmed once and shared
-by its arms; the seed sets the student's and the teacher's initialisation and the data order.
+with the same data (the demo's: 1200 train, 200 test frames), steps (800 of batch 4) and seeds (0,
+1, 2) for every arm. To fit a CPU, one teacher (the demo's "vision": hidden 128, 3 layers, 1200 CE
+warm-up steps) serves all three capabilities, as in the official default `teacher_for=(0, 0, 0)`; so
+"multi" means the three capabilities' signals, not three teachers. Within a seed the teacher is
+warmed once and shared by its arms; the seed sets the student's and the teacher's initialisation and
+the data order.
 
 Writes `results.json`, `results.md` (per-capability accuracy, mean of the seeds, 95% bootstrap
 intervals over questions; AGP conflict counts and cosines) and `accuracy.png`, `agp.png` into
@@ -51,11 +52,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   run = _demo_config()
   run.progress_bar = False
   # One teacher serves the three capabilities (the official default, teacher_for (0, 0, 0)),
-  # so a seed warms one teacher: the 18 runs fit in about an hour of 2 loaded CPU cores.
+  # so a seed warms one teacher (most of a seed's time; a student arm is about a minute).
   run.teacher_names = "vision"
   run.distill.teacher_for = (0, 0, 0)
-  run.num_steps = 100
-  run.data.synthetic.num_test_frames = 60
+  # The demo's data (1200 train, 200 test frames) and student steps (800 of batch 4).
   run.checkpoint.every_steps = run.num_steps  # one save per arm: the final student
   c = ml_collections.ConfigDict()
   c.task = "drivekd.reproduce"
@@ -69,6 +69,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     run.log_every = 2
     run.checkpoint.every_steps = 4
     run.teacher_warmup.steps = 4
+    run.teacher_warmup.batch_size = 4  # 8 frames give about 14 training questions
     run.teacher_warmup.log_every = 2
     run.data.synthetic.num_train_frames = 8
     run.data.synthetic.num_test_frames = 2

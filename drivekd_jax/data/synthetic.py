@@ -17,19 +17,23 @@ answer follows from scene rules, so a model can learn them and an exact scorer c
 
 That is question set "driving". Set "grounded" (`questions="grounded"`) asks instead a few short
 questions that a tiny model can learn from one rendered view in minutes; each tags one object,
-so only that object's camera view goes with the question, and each has one exact answer (the
-objects are drawn 1.5 times larger than in set "driving"):
+so only that object's camera view goes with the question, and each has one exact answer. Its
+views differ from set "driving" so that a tiny vision tower sees what the answers depend on: the
+objects are drawn 1.5 times larger, a light's whole housing takes the lit colour and a stopped
+vehicle's brake lights cover the lower half of its body (`render_view(bold=True)`), and the
+scenes show a traffic light and a stopped vehicle ahead more often (`GROUNDED_SCENES`):
 
-- perception MCQ (tag 0): the colour of a vehicle (options A-D: red, blue, white, black).
+- perception MCQ (tag 0): the colour of one vehicle of the scene, drawn at random (options A-D:
+  red, blue, white, black).
 - behavior MCQ (tag 0, capability reasoning): does the traffic light or the vehicle in the ego
   lane (on CAM_FRONT) oblige the ego vehicle to stop (options A. Yes, B. No)? It does when it is
   a hazard (rules below): a red light, a stopped vehicle close ahead. Non-hazards are asked
   about one time in three, so that Yes and No are about equally frequent.
-
-The options of a grounded MCQ are always listed in the same order.
 - planning VQA (tag 1): the official "actions based on <object>" question about the same
   objects, answered by one short sentence: "Stop.", "Slow down." or "Keep going." (scored by
   exact match, `drivekd_jax.eval.results`).
+
+The options of a grounded MCQ are always listed in the same order.
 
 Scene rules: a red light or stop sign on CAM_FRONT, a pedestrian crossing in the ego lane, or a
 stopped vehicle close ahead in the ego lane is a hazard; then the ego vehicle is "going
@@ -210,8 +214,24 @@ def lane_center_x(y: float, curvature: int) -> float:
   return 0.5 + 0.12 * curvature * depth**2
 
 
-def sample_scene(rng: np.random.Generator, scene_token: str, frame_token: str) -> Scene:
-  """Draws one scene (3-5 objects, at least one on CAM_FRONT)."""
+DRIVING_SIGNALS = ("traffic_light", "stop_sign", "none", "none")
+
+
+def sample_scene(
+  rng: np.random.Generator,
+  scene_token: str,
+  frame_token: str,
+  *,
+  signals: Sequence[str] = DRIVING_SIGNALS,
+  stopped_share: float = 0.3,
+) -> Scene:
+  """Draws one scene (3-5 objects, at least one on CAM_FRONT).
+
+  `signals`: the four equally likely draws of the front view's light or sign ("traffic_light",
+  "stop_sign", "none"); `stopped_share`: how often the vehicle in the ego lane is stopped.
+  """
+  if len(signals) != 4 or not set(signals) <= {"traffic_light", "stop_sign", "none"}:
+    raise ValueError(f"signals must be four of traffic_light, stop_sign, none; got {signals}")
   curvature = int(rng.integers(-2, 3))
   specs = []
   # The front view: at most one object in the ego lane plus one light or sign.
@@ -221,11 +241,11 @@ def sample_scene(rng: np.random.Generator, scene_token: str, frame_token: str) -
     y = 0.8 if near else 0.6
     x = lane_center_x(y, curvature)
     if lane_kind == "vehicle":
-      status = "Stopped" if rng.random() < 0.3 else "Going ahead"
+      status = "Stopped" if rng.random() < stopped_share else "Going ahead"
       specs.append(("vehicle", "CAM_FRONT", x, y, 0.3 if near else 0.18, status, True, near))
     else:
       specs.append(("pedestrian", "CAM_FRONT", x, y, 0.1, "crossing", True, near))
-  signal = rng.choice(["traffic_light", "stop_sign", "none", "none"])
+  signal = rng.choice(list(signals))
   if signal == "traffic_light":
     color = str(rng.choice(["red", "yellow", "green"]))
     specs.append(("traffic_light", "CAM_FRONT", float(rng.choice([0.2, 0.8])), 0.2, 0.12, color))
@@ -283,8 +303,13 @@ def _describe(rng: np.random.Generator, kind: str, status: str) -> str:
 # Rendering.
 
 
-def render_view(scene: Scene, camera: str, size: int) -> np.ndarray:
-  """The `camera` view of `scene` as uint8 [size, size, 3]."""
+def render_view(scene: Scene, camera: str, size: int, *, bold: bool = False) -> np.ndarray:
+  """The `camera` view of `scene` as uint8 [size, size, 3].
+
+  `bold` (the grounded set) draws the states a stop depends on as large areas: the whole light
+  housing in the lit colour, brake lights over the lower half of a stopped vehicle (a tiny
+  vision tower learns a vehicle's body colour but not a lamp or brake lights of a few pixels).
+  """
   image = np.empty((size, size, 3), np.uint8)
   horizon = int(_HORIZON * size)
   image[:horizon] = (135, 180, 225)
@@ -306,7 +331,7 @@ def render_view(scene: Scene, camera: str, size: int) -> np.ndarray:
       ground[line] = (240, 240, 240)
   for obj in scene.objects:
     if obj.camera == camera:
-      _draw_object(image, obj)
+      _draw_object(image, obj, bold=bold)
   return image
 
 
@@ -335,14 +360,17 @@ def _triangle(image, cx, cy, radius, direction, color):
   image[mask] = color
 
 
-def _draw_object(image: np.ndarray, obj: SceneObject) -> None:
+def _draw_object(image: np.ndarray, obj: SceneObject, *, bold: bool = False) -> None:
   w = obj.size
   if obj.kind == "vehicle":
     color = _COLORS[obj.description.split()[0]]
     h = 0.6 * w
     _box(image, obj.x - w / 2, obj.y - h / 2, obj.x + w / 2, obj.y + h / 2, color)
     mark = (0, 0, 0) if obj.description.startswith("white") else (255, 255, 255)
-    if obj.status == "Stopped":
+    if obj.status == "Stopped" and bold:
+      _box(image, obj.x - w / 2, obj.y + h / 12, obj.x - w / 8, obj.y + h / 2, (255, 0, 0))
+      _box(image, obj.x + w / 8, obj.y + h / 12, obj.x + w / 2, obj.y + h / 2, (255, 0, 0))
+    elif obj.status == "Stopped":
       _box(image, obj.x - w / 2, obj.y + h / 6, obj.x - w / 4, obj.y + h / 2, (255, 0, 0))
       _box(image, obj.x + w / 4, obj.y + h / 6, obj.x + w / 2, obj.y + h / 2, (255, 0, 0))
     else:
@@ -354,7 +382,8 @@ def _draw_object(image: np.ndarray, obj: SceneObject) -> None:
     _box(image, obj.x - w / 4, obj.y - h / 4, obj.x + w / 4, obj.y + h / 2, color)
     _disc(image, obj.x, obj.y - h / 3, w / 3, (240, 200, 170))
   elif obj.kind == "traffic_light":
-    _box(image, obj.x - w / 3, obj.y - w, obj.x + w / 3, obj.y + w, (20, 20, 20))
+    housing = _COLORS[obj.status] if bold else (20, 20, 20)
+    _box(image, obj.x - w / 3, obj.y - w, obj.x + w / 3, obj.y + w, housing)
     offset = {"red": -0.6, "yellow": 0.0, "green": 0.6}[obj.status] * w
     _disc(image, obj.x, obj.y + offset, w / 3, _COLORS[obj.status])
   else:  # stop sign
@@ -631,6 +660,13 @@ QUESTION_SETS = ("driving", "grounded")
 
 
 GROUNDED_SCALE = 1.5
+# The grounded set's scenes show a traffic light twice as often and a stopped vehicle in the ego
+# lane half the time: the stop question is asked only about those objects, and a teacher learns
+# it last (it had a tenth of the questions).
+GROUNDED_SCENES = {
+  "signals": ("traffic_light", "traffic_light", "stop_sign", "none"),
+  "stopped_share": 0.5,
+}
 
 
 def enlarged(scene: Scene, factor: float) -> Scene:
@@ -641,9 +677,10 @@ def enlarged(scene: Scene, factor: float) -> Scene:
 
 
 def grounded_qas(scene: Scene, rng: np.random.Generator) -> list[QA]:
-  """The "grounded" questions of one scene (module docstring): every vehicle's colour, and for
+  """The "grounded" questions of one scene (module docstring): one vehicle's colour, and for
   every CAM_FRONT object whether it obliges the ego vehicle to stop and the action it calls for.
-  `rng` draws which non-hazards get the stop question (the options keep one order)."""
+  `rng` draws the vehicle and which non-hazards get the stop question (the options keep one
+  order)."""
   qas = []
 
   def mcq(question_type: str, template: str, obj: SceneObject, correct: str, pool) -> QA:
@@ -661,11 +698,14 @@ def grounded_qas(scene: Scene, rng: np.random.Generator) -> list[QA]:
       _mcq_kd_answer(letter, correct),
     )
 
-  for obj in scene.objects:
-    if obj.kind == "vehicle":
-      color = obj.description.split()[0].capitalize() + "."
-      pool = [c.capitalize() + "." for c in VEHICLE_COLORS]
-      qas.append(mcq("perception", COLOR_QUESTION, obj, color, pool))
+  # One vehicle's colour per scene: asking about every vehicle made seven questions in ten
+  # colour questions, and the stop question (one in ten) the one a teacher learnt least.
+  vehicles = [o for o in scene.objects if o.kind == "vehicle"]
+  if vehicles:
+    obj = vehicles[int(rng.integers(len(vehicles)))]
+    color = obj.description.split()[0].capitalize() + "."
+    pool = [c.capitalize() + "." for c in VEHICLE_COLORS]
+    qas.append(mcq("perception", COLOR_QUESTION, obj, color, pool))
   # Only the objects whose answer the view decides: the traffic light (its colour) and the
   # vehicle in the ego lane (stopped or not, near or far). A stop sign, a pedestrian in the lane
   # or an object beside the lane would be answered by its tag's position alone.
@@ -750,12 +790,13 @@ def write_synthetic_driving(
       raise ValueError(f"unknown corruption {stem!r}; known: {', '.join(CORRUPTIONS)}")
   root = Path(out_dir).absolute()
   rng = np.random.default_rng(seed)
+  scene_kwargs = GROUNDED_SCENES if questions == "grounded" else {}
   scenes: list[Scene] = []
   scene_token = ""
   for i in range(num_train_frames + num_test_frames):
     if i % frames_per_scene == 0:
       scene_token = _token(rng)
-    scenes.append(sample_scene(rng, scene_token, _token(rng)))
+    scenes.append(sample_scene(rng, scene_token, _token(rng), **scene_kwargs))
   if questions == "grounded":
     scenes = [enlarged(scene, GROUNDED_SCALE) for scene in scenes]
   train, test = scenes[:num_train_frames], scenes[num_train_frames:]
@@ -765,7 +806,7 @@ def write_synthetic_driving(
     (root / "samples" / camera).mkdir(parents=True, exist_ok=True)
   for scene in scenes:
     for camera in rec.CAMERAS:
-      view = render_view(scene, camera, image_size)
+      view = render_view(scene, camera, image_size, bold=questions == "grounded")
       name = _image_name(scene.frame_token, camera)
       (root / "samples" / camera / name).write_bytes(rec.encode_png(view))
       if scene.frame_token in test_tokens:
