@@ -13,8 +13,11 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from drivekd_jax import config_files
 from drivekd_jax.bench import hlo_stats
+from drivekd_jax.bench import plan as plan_lib
 from drivekd_jax.train import sharding as sharding_lib
+from drivekd_jax.train.settings import RunSettings
 
 
 def _scan_matmuls(steps):
@@ -107,3 +110,64 @@ def test_plan_compiles_the_demo_step_for_a_tpu_slice():
   assert report["per_device"]["hbm_bytes"] == 16 * 1024**3
   assert report["per_device"]["fits"]
   _check_report(report)
+
+
+_TEMPORARIES_MESSAGE = (
+  "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries"
+  " (32.74G) exceeds available HBM (15.75G)."
+)
+_PROGRAM_MESSAGE = (
+  "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm."
+  " Used 21.60G of 15.75G hbm. Exceeded hbm capacity by 5.85G."
+)
+
+
+def test_out_of_memory_errors_are_read_in_binary_units():
+  gib = 1024**3
+  temporaries = plan_lib.parse_out_of_memory(_TEMPORARIES_MESSAGE)
+  assert temporaries == {
+    "required_bytes": pytest.approx(32.74 * gib),
+    "hbm_bytes": pytest.approx(15.75 * gib),
+    "temp_bytes": pytest.approx(32.74 * gib),
+  }
+  program = plan_lib.parse_out_of_memory(_PROGRAM_MESSAGE)
+  assert program == {
+    "required_bytes": pytest.approx(21.6 * gib),
+    "hbm_bytes": pytest.approx(15.75 * gib),
+    "total_bytes": pytest.approx(21.6 * gib),
+  }
+  assert plan_lib.parse_out_of_memory("INVALID_ARGUMENT: shapes do not match") is None
+
+
+@pytest.fixture(scope="module")
+def demo_settings():
+  config = config_files.load_config(
+    str(Path(__file__).resolve().parent.parent / "configs/drivekd/demo.py")
+  )
+  config.mesh.data, config.mesh.fsdp = 1, -1
+  return RunSettings.from_config(config)
+
+
+def _refusing_compiler(message):
+  def compile_lowered(lowered):
+    del lowered
+    raise jax.errors.JaxRuntimeError(message)
+
+  return compile_lowered
+
+
+def test_a_step_xla_cannot_fit_is_reported_not_raised(monkeypatch, demo_settings, capsys):
+  monkeypatch.setattr(plan_lib, "compile_lowered", _refusing_compiler(_TEMPORARIES_MESSAGE))
+  report = plan_lib.plan(demo_settings, "cpu")
+  assert report["fits"] is False and report["per_device"]["fits"] is False
+  assert report["per_device"]["required_bytes"] == pytest.approx(32.74 * 1024**3)
+  assert report["per_device"]["hbm_bytes"] == pytest.approx(15.75 * 1024**3)
+  assert report["flops_per_step"] is None and report["est_mfu"] is None
+  assert report["devices"] == len(jax.devices("cpu"))
+  assert json.loads(json.dumps(report)) == report
+  table = plan_lib.format_table(report)
+  assert "temporaries / HBM" in table and "32.74 GiB / 15.75 GiB  DOES NOT FIT" in table
+
+  monkeypatch.setattr(plan_lib, "compile_lowered", _refusing_compiler("INTERNAL: a real bug"))
+  with pytest.raises(jax.errors.JaxRuntimeError, match="a real bug"):
+    plan_lib.plan(demo_settings, "cpu")

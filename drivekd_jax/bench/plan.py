@@ -21,6 +21,10 @@ is a roofline per top-level HLO instruction, max(FLOPs / peak, bytes / HBM bandw
 plus the collective bytes over the chip's interconnect bandwidth with no overlap: a bound that
 real kernels fall short of and overlap improves on; MFU = FLOPs / (time x peak), with the HLO's
 FLOPs (recomputation included). `--json` prints one object instead.
+
+A step that does not fit is reported, not raised: XLA:TPU refuses to compile a program larger
+than HBM, and its error's figures (what one device needs, what it has) become the report, with
+`fits` false and no FLOPs or estimates (None).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -205,8 +210,27 @@ def plan(
     teacher_shardings=d.teacher_shardings,
   )
   rng = jax.eval_shape(lambda: jax.random.key(0))
+  lowered = jitted.lower(d.state, batch_sds, rng, d.teacher_states)
+  setup = {
+    "topology": topology,
+    "device_kind": devices[0].device_kind,
+    "devices": len(devices),
+    "mesh": dict(mesh.shape),
+    "parallel_samples": parallel,
+    "remat": remat,
+    "batch": batch,
+    "length": length,
+    "images": images,
+    "chip": dataclasses.asdict(chip),
+  }
   start = time.perf_counter()
-  compiled = jitted.lower(d.state, batch_sds, rng, d.teacher_states).compile()
+  try:
+    compiled = compile_lowered(lowered)
+  except jax.errors.JaxRuntimeError as error:
+    shortfall = parse_out_of_memory(str(error))
+    if shortfall is None:
+      raise
+    return _does_not_fit_report(setup, time.perf_counter() - start, shortfall, str(error))
   compile_seconds = time.perf_counter() - start
 
   memory = compiled.memory_analysis()
@@ -223,16 +247,10 @@ def plan(
   temp = float(memory.temp_size_in_bytes)
   # Donated state: the outputs aliased to arguments take no room of their own.
   total = argument + output - alias + temp
+  fits = bool(total <= hbm)
   return {
-    "topology": topology,
-    "device_kind": devices[0].device_kind,
-    "devices": len(devices),
-    "mesh": dict(mesh.shape),
-    "parallel_samples": parallel,
-    "remat": remat,
-    "batch": batch,
-    "length": length,
-    "images": images,
+    **setup,
+    "fits": fits,
     "compile_seconds": compile_seconds,
     "flops_per_step": stats.flops * len(devices),
     "collective_bytes": stats.collective_bytes * len(devices),
@@ -246,19 +264,91 @@ def plan(
     "est_samples_per_second": batch / step_seconds if step_seconds else 0.0,
     "xla_cost_analysis_flops": float((compiled.cost_analysis() or {}).get("flops", 0.0)),
     "unknown_trip_counts": stats.unknown_trip_counts,
-    "chip": dataclasses.asdict(chip),
     "per_device": {
       "argument_bytes": argument,
       "output_bytes": output,
       "alias_bytes": alias,
       "temp_bytes": temp,
       "total_bytes": total,
+      "required_bytes": total,
       "hbm_bytes": hbm,
-      "fits": bool(total <= hbm),
+      "fits": fits,
       "flops": stats.flops,
       "traffic_bytes": stats.traffic_bytes,
       "collective_bytes": stats.collective_bytes,
     },
+  }
+
+
+def compile_lowered(lowered):
+  """`lowered.compile()` (a seam: tests plant the compiler's errors here)."""
+  return lowered.compile()
+
+
+# XLA prints sizes with binary prefixes ("15.75G" is 15.75 GiB: tsl's HumanReadableNumBytes).
+_SIZE = r"([0-9.]+)\s*([KMGTP]i?)?B?"
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4, "P": 1024**5}
+# The two forms of XLA:TPU's out-of-memory compile error: temporaries alone exceeding HBM, and
+# the whole program (arguments, outputs, temporaries) against it.
+_OUT_OF_MEMORY = (
+  (
+    "temp_bytes",
+    re.compile(
+      r"memory required for (?:HLO )?temporaries \("
+      + _SIZE
+      + r"\) exceeds available HBM \("
+      + _SIZE
+      + r"\)"
+    ),
+  ),
+  ("total_bytes", re.compile(r"Used " + _SIZE + " of " + _SIZE + " hbm")),
+)
+
+
+def _bytes(number: str, unit: str | None) -> float:
+  return float(number) * _UNITS[(unit or "").rstrip("i")]
+
+
+def parse_out_of_memory(message: str) -> dict | None:
+  """XLA's out-of-memory compile error -> what it says one device needs and has, or None.
+
+  Returns:
+    {"required_bytes", "hbm_bytes" (what XLA counts as available), and "temp_bytes" or
+    "total_bytes" (what the required figure covers)}, or None for any other error.
+  """
+  if "RESOURCE_EXHAUSTED" not in message and "Ran out of memory" not in message:
+    return None
+  for covers, pattern in _OUT_OF_MEMORY:
+    found = pattern.search(message)
+    if found:
+      required = _bytes(found.group(1), found.group(2))
+      return {
+        "required_bytes": required,
+        "hbm_bytes": _bytes(found.group(3), found.group(4)),
+        covers: required,
+      }
+  return None
+
+
+def _does_not_fit_report(setup: dict, compile_seconds: float, shortfall: dict, message: str):
+  """The report of a step XLA refused to compile for want of memory: no program, so no FLOPs
+  or step-time estimate (None); per device, the figures the error states."""
+  return {
+    **setup,
+    "fits": False,
+    "compile_seconds": compile_seconds,
+    "flops_per_step": None,
+    "collective_bytes": None,
+    "collective_bytes_by_kind": {},
+    "est_step_seconds": None,
+    "est_compute_seconds": None,
+    "est_collective_seconds": None,
+    "est_mfu": None,
+    "est_samples_per_second": None,
+    "xla_cost_analysis_flops": None,
+    "unknown_trip_counts": None,
+    "xla_error": message.strip().splitlines()[0][:500],
+    "per_device": {**shortfall, "fits": False, "flops": None},
   }
 
 
@@ -273,6 +363,18 @@ def format_table(report: dict) -> str:
     ),
     ("batch", f"{report['batch']} x {report['length']} tokens, {report['images']} images"),
     ("compile", f"{report['compile_seconds']:.1f} s"),
+  ]
+  if d["flops"] is None:  # XLA refused: out of memory
+    covers = "temporaries" if "temp_bytes" in d else "program"
+    rows += [
+      (
+        f"per device: {covers} / HBM",
+        f"{g(d['required_bytes'])} / {g(d['hbm_bytes'])}  DOES NOT FIT",
+      ),
+      ("XLA", report["xla_error"]),
+    ]
+    return _table(rows)
+  rows += [
     ("per device: arguments", g(d["argument_bytes"])),
     ("per device: outputs", f"{g(d['output_bytes'])} ({g(d['alias_bytes'])} donated)"),
     ("per device: temporaries", g(d["temp_bytes"])),
@@ -291,6 +393,10 @@ def format_table(report: dict) -> str:
     ("est. MFU", f"{100 * report['est_mfu']:.1f} %"),
     ("est. samples / s", f"{report['est_samples_per_second']:.4g}"),
   ]
+  return _table(rows)
+
+
+def _table(rows) -> str:
   width = max(len(k) for k, _ in rows)
   return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
