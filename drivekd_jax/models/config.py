@@ -44,6 +44,12 @@ class DecoderConfig:
     mrope_section: multimodal RoPE (Qwen2.5-VL): how many of the head_dim/2 rotary frequencies
       follow each position axis, in the order temporal, height, width (e.g. (16, 24, 24)); the
       decoder then also accepts positions `[B, 3, T]`. None: plain RoPE.
+    attention_query_block: when > 0 and shorter than the sequence, attention runs over blocks
+      of this many queries one after the other, each block's probabilities recomputed in the
+      backward pass: at most one block's `[H, block, S]` probabilities live at once instead of
+      every head's whole `[H, T, S]` (the results are the unblocked ones). 0: one block.
+    fused_attention: layers that return no map call `jax.nn.dot_product_attention` (cuDNN or
+      Pallas kernels where present) instead of the softmax attention of `layers.attention`.
   """
 
   vocab_size: int
@@ -59,6 +65,8 @@ class DecoderConfig:
   tie_word_embeddings: bool = False
   max_position_embeddings: int = 32768
   mrope_section: tuple[int, ...] | None = None
+  attention_query_block: int = 0
+  fused_attention: bool = False
 
   @property
   def resolved_head_dim(self) -> int:

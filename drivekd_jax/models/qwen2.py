@@ -165,6 +165,8 @@ class Attention(nnx.Module):
     self.num_heads = config.num_heads
     self.num_kv_heads = config.num_kv_heads
     self.head_dim = config.resolved_head_dim
+    self.query_block = config.attention_query_block
+    self.fused = config.fused_attention
     width = config.hidden_size
     common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.q_proj = Linear(
@@ -219,7 +221,9 @@ class Attention(nnx.Module):
       v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
       new_kv = (k, v)
       k, v = k.astype(q.dtype), v.astype(q.dtype)
-    out, head_mean = attention(q, k, v, allowed, want_map=want_map)
+    out, head_mean = attention(
+      q, k, v, allowed, want_map=want_map, query_block=self.query_block, fused=self.fused
+    )
     return self.o_proj(out.reshape(batch, length, -1)), new_kv, head_mean
 
 

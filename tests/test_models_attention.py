@@ -1,0 +1,158 @@
+"""Attention's memory-saving forms equal the plain softmax attention: query blocks, fused."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from drivekd_jax.models import layers
+from drivekd_jax.models.config import DecoderConfig, MapRequest
+from drivekd_jax.models.qwen2 import Decoder
+
+
+def _inputs(length=13, heads=6, kv_heads=2, head_dim=8, batch=2, seed=0, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  q = jnp.asarray(rng.normal(size=(batch, length, heads, head_dim)), dtype)
+  k = jnp.asarray(rng.normal(size=(batch, kv_heads, length, head_dim)), dtype)
+  v = jnp.asarray(rng.normal(size=(batch, kv_heads, length, head_dim)), dtype)
+  # Causal, with padding inside row 1 and a leading pad in row 0 (its first query sees nothing).
+  real = np.ones((batch, length), bool)
+  real[0, 0] = False
+  real[-1, 4:6] = False
+  allowed = jnp.asarray(real[:, None, :] & np.tril(np.ones((length, length), bool))[None])
+  return q, k, v, allowed
+
+
+def _numpy_head_mean(q, k, allowed):
+  """The head-averaged probabilities `[B, T, S]` in float64, query heads grouped over KV heads."""
+  q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+  groups = q.shape[2] // k.shape[1]
+  k = np.repeat(k, groups, axis=1)  # [B, H, S, Dh]
+  scores = np.einsum("bthd,bhsd->bhts", q, k) / np.sqrt(q.shape[-1])
+  scores = np.where(np.asarray(allowed)[:, None], scores, -1e30)
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  return probs.mean(axis=1)
+
+
+@pytest.mark.parametrize("query_block", [1, 4, 5, 12])
+def test_query_blocks_give_the_whole_attention_and_its_head_mean(query_block):
+  q, k, v, allowed = _inputs()
+  out, head_mean = layers.attention(q, k, v, allowed, want_map=True)
+  blocked = jax.jit(lambda *a: layers.attention(*a, want_map=True, query_block=query_block))
+  out_b, head_mean_b = blocked(q, k, v, allowed)
+  np.testing.assert_allclose(out_b, out, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(head_mean_b, head_mean, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(head_mean_b, _numpy_head_mean(q, k, allowed), rtol=1e-5, atol=1e-6)
+  out_only, none = layers.attention(q, k, v, allowed, query_block=query_block)
+  assert none is None
+  np.testing.assert_allclose(out_only, out, rtol=1e-6, atol=1e-6)
+
+
+def test_query_blocks_give_the_same_gradients():
+  q, k, v, allowed = _inputs(seed=1)
+  rng = np.random.default_rng(2)
+  d_out = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+  d_map = jnp.asarray(rng.normal(size=allowed.shape), jnp.float32)
+
+  def loss(query_block):
+    def f(q, k, v):
+      out, head_mean = layers.attention(q, k, v, allowed, want_map=True, query_block=query_block)
+      return jnp.sum(out * d_out) + jnp.sum(head_mean * d_map)
+
+    return jax.jit(jax.grad(f, argnums=(0, 1, 2)))
+
+  for got, want in zip(loss(4)(q, k, v), loss(0)(q, k, v)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_query_blocks_never_hold_every_heads_whole_map():
+  """The compiled gradient's temporaries: the plain path keeps `[B, H, T, S]` probabilities for
+  the backward pass, the blocked one a block's worth at a time."""
+  batch, length, heads = 1, 512, 8
+  q, k, v, allowed = _inputs(length=length, heads=heads, kv_heads=2, head_dim=16, batch=batch)
+
+  def temp_bytes(query_block):
+    def f(q, k, v):
+      out, head_mean = layers.attention(q, k, v, allowed, want_map=True, query_block=query_block)
+      return jnp.sum(out) + jnp.sum(head_mean * head_mean)
+
+    compiled = jax.jit(jax.grad(f, argnums=(0, 1, 2))).lower(q, k, v).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  whole_probs = batch * heads * length * length * 4
+  assert temp_bytes(0) >= 2 * whole_probs
+  assert temp_bytes(64) < whole_probs
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fused_attention_equals_the_softmax_attention(dtype):
+  q, k, v, allowed = _inputs(seed=3, dtype=dtype)
+  want, _ = layers.attention(q, k, v, allowed)
+  got, none = jax.jit(lambda *a: layers.attention(*a, fused=True))(q, k, v, allowed)
+  assert none is None and got.dtype == dtype
+  tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
+  real_rows = np.asarray(allowed.any(-1))  # a query that sees no key is garbage either way
+  np.testing.assert_allclose(
+    np.asarray(got, np.float32)[real_rows],
+    np.asarray(want, np.float32)[real_rows],
+    rtol=tolerance,
+    atol=tolerance,
+  )
+  # Asking for a map takes the softmax path: the fused kernel returns none.
+  _, head_mean = layers.attention(q, k, v, allowed, want_map=True, fused=True)
+  assert head_mean.shape == allowed.shape
+
+
+def _decoder(**options):
+  config = DecoderConfig(
+    vocab_size=61,
+    hidden_size=32,
+    num_layers=3,
+    num_heads=4,
+    num_kv_heads=2,
+    intermediate_size=48,
+    **options,
+  )
+  return Decoder(config, rngs=nnx.Rngs(0))
+
+
+def test_a_decoder_with_blocks_and_fused_layers_computes_the_same():
+  plain = _decoder()
+  ids = jnp.asarray(np.random.default_rng(4).integers(0, 61, size=(2, 11)), jnp.int32)
+  mask = jnp.ones((2, 11), bool).at[1, :3].set(False)
+  request = MapRequest(full_layers=(0,), text_to_image_layers=(1,), hidden_layers=(2,))
+  keys = jnp.array([[1, 2, 3], [4, 5, 6]], jnp.int32)
+  run = lambda model: jax.jit(
+    lambda ids, mask: model(ids, attention_mask=mask, maps=request, image_key_positions=keys)
+  )(ids, mask)
+  want = run(plain)
+  other = _decoder(attention_query_block=4, fused_attention=True)
+  nnx.update(other, nnx.state(plain))
+  assert dataclasses.replace(other.config, attention_query_block=0, fused_attention=False) == (
+    plain.config
+  )
+  got = run(other)
+  real = np.asarray(mask)
+  np.testing.assert_allclose(np.asarray(got.logits)[real], np.asarray(want.logits)[real], atol=1e-5)
+  np.testing.assert_allclose(got.full_maps[0], want.full_maps[0], atol=1e-6)
+  np.testing.assert_allclose(got.text_to_image_maps[1], want.text_to_image_maps[1], atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(got.hidden_states[2])[real], np.asarray(want.hidden_states[2])[real], atol=1e-5
+  )
+
+  # Prefill and one decode step through the cache (the fused path with cache slots).
+  def generate(model):
+    cache = model.init_cache(2, 16)
+    first = model(ids, attention_mask=mask, cache=cache)
+    nxt = jnp.argmax(first.logits[:, -1], axis=-1)[:, None]
+    return model(nxt, cache=first.cache).logits
+
+  np.testing.assert_allclose(
+    jax.jit(lambda: generate(other))(), jax.jit(lambda: generate(plain))(), atol=1e-5
+  )
