@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
+import math
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.ad_checkpoint import print_saved_residuals
 
-from drivekd_jax.models import layers
+from drivekd_jax.models import layers, presets
 from drivekd_jax.models.config import DecoderConfig, MapRequest
+from drivekd_jax.models.internvl import InternVL
 from drivekd_jax.models.qwen2 import Decoder
 
 
@@ -109,11 +115,11 @@ def test_fused_attention_equals_the_softmax_attention(dtype):
   assert head_mean.shape == allowed.shape
 
 
-def _decoder(**options):
+def _decoder(num_layers=3, **options):
   config = DecoderConfig(
     vocab_size=61,
     hidden_size=32,
-    num_layers=3,
+    num_layers=num_layers,
     num_heads=4,
     num_kv_heads=2,
     intermediate_size=48,
@@ -156,3 +162,100 @@ def test_a_decoder_with_blocks_and_fused_layers_computes_the_same():
   np.testing.assert_allclose(
     jax.jit(lambda: generate(other))(), jax.jit(lambda: generate(plain))(), atol=1e-5
   )
+
+
+def _grads_and_outputs(model, ids, request, keys):
+  graphdef, params = nnx.split(model)
+
+  def loss(params):
+    out = nnx.merge(graphdef, params)(ids, maps=request, image_key_positions=keys)
+    signal = sum(jnp.sum(m * m) for m in out.full_maps.values())
+    signal += sum(jnp.sum(m) for m in out.text_to_image_maps.values())
+    signal += sum(jnp.sum(h * h) for h in out.hidden_states.values())
+    return jnp.mean(out.logits**2) + signal, out
+
+  return jax.jit(jax.grad(loss, has_aux=True))(params)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_scanned_and_rematerialised_layers_compute_the_same(remat):
+  """Runs of layers (maps at 0, 2, 3; hidden state at 4; plain 1, 5) as scans, with each layer
+  rematerialised: the outputs and every parameter's gradient of the layer-by-layer decoder."""
+  plain = _decoder(num_layers=6)
+  scanned = _decoder(num_layers=6, scan_layers=True, layer_remat=remat)
+  nnx.update(scanned, nnx.state(plain))
+  ids = jnp.asarray(np.random.default_rng(5).integers(0, 61, size=(2, 9)), jnp.int32)
+  request = MapRequest(full_layers=(0, 2, 3), text_to_image_layers=(3,), hidden_layers=(4,))
+  keys = jnp.array([[0, 1], [2, 3]], jnp.int32)
+  want_grads, want = _grads_and_outputs(plain, ids, request, keys)
+  got_grads, got = _grads_and_outputs(scanned, ids, request, keys)
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  close(got.logits, want.logits)
+  assert sorted(got.full_maps) == [0, 2, 3] and sorted(got.hidden_states) == [4]
+  for layer in (0, 2, 3):
+    close(got.full_maps[layer], want.full_maps[layer])
+  close(got.text_to_image_maps[3], want.text_to_image_maps[3])
+  close(got.hidden_states[4], want.hidden_states[4])
+  jax.tree.map(close, got_grads, want_grads)
+
+
+def test_a_scanned_decoder_holds_one_layer_whatever_its_depth():
+  def products(num_layers, scan):
+    model = _decoder(num_layers=num_layers, scan_layers=scan)
+    graphdef, params = nnx.split(model)
+    ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    step = jax.jit(jax.grad(lambda p, ids: jnp.sum(nnx.merge(graphdef, p)(ids).logits)))
+    return step.lower(params, ids).as_text().count("dot_general")
+
+  assert products(8, scan=True) == products(2, scan=True)
+  assert products(8, scan=False) > 2 * products(2, scan=False)
+
+
+def test_rematerialised_layers_keep_less_for_the_backward_pass():
+  """What the backward pass keeps: every layer's attention probabilities without remat; under
+  "full" the layers' inputs only (and the shared mask and rotary tables)."""
+  length = 128
+
+  def kept_bytes(remat):
+    graphdef, params = nnx.split(_decoder(num_layers=3, layer_remat=remat))
+    ids = jnp.zeros((1, length), jnp.int32)
+    loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(ids).logits ** 2)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+      print_saved_residuals(loss, params)
+    kept = 0
+    for line in printed.getvalue().splitlines():  # "f32[1,128,32] output of ..."
+      dtype, dims = re.match(r"(\w+)\[([\d,]*)\]", line).groups()
+      if "from the argument" not in line:
+        itemsize = 1 if dtype == "bool" else int(re.sub(r"\D", "", dtype)) // 8  # f32, bf16, ...
+        kept += math.prod(int(d) for d in dims.split(",") if d) * itemsize
+    return kept
+
+  probabilities = 3 * 4 * length * length * 4  # layers x heads x [T, S] fp32
+  assert kept_bytes("none") > probabilities
+  assert kept_bytes("full") < probabilities / 4
+  assert kept_bytes("dots") < kept_bytes("none") - probabilities
+
+
+@pytest.mark.slow
+def test_a_scanned_vision_tower_computes_the_same():
+  config = presets.internvl3("tiny")
+  plain = InternVL(config, rngs=nnx.Rngs(0))
+  text = dataclasses.replace(config.text, scan_layers=True, layer_remat="full")
+  scanned = InternVL(dataclasses.replace(config, text=text), rngs=nnx.Rngs(1))
+  nnx.update(scanned, nnx.state(plain))
+  size = config.vision.image_size
+  pixels = jnp.asarray(np.random.default_rng(6).normal(size=(2, size, size, 3)), jnp.float32)
+
+  def embed_and_grad(model):
+    graphdef, params = nnx.split(model)
+    embed = lambda p: nnx.merge(graphdef, p).embed_images(pixels)
+    return jax.jit(lambda p: (embed(p), jax.grad(lambda p: jnp.sum(embed(p) ** 2))(p)))(params)
+
+  got, got_grads = embed_and_grad(scanned)
+  want, want_grads = embed_and_grad(plain)
+  assert config.vision.num_layers > 1
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  jax.tree.map(close, got_grads["vision_model"], want_grads["vision_model"])

@@ -50,6 +50,12 @@ class DecoderConfig:
       every head's whole `[H, T, S]` (the results are the unblocked ones). 0: one block.
     fused_attention: layers that return no map call `jax.nn.dot_product_attention` (cuDNN or
       Pallas kernels where present) instead of the softmax attention of `layers.attention`.
+    scan_layers: without a cache, each run of consecutive layers that hand back the same kinds
+      of signal is one `lax.scan` (`layers.run_blocks`): compile time stops growing with depth.
+      The parameters keep their per-layer layout (stacked per call, a transient copy).
+    layer_remat: without a cache, what each layer keeps for its backward pass
+      (`layers.REMAT_POLICIES`: "none", "dots", "full"). In an InternVL both switches also
+      apply to the vision tower's blocks.
   """
 
   vocab_size: int
@@ -67,6 +73,8 @@ class DecoderConfig:
   mrope_section: tuple[int, ...] | None = None
   attention_query_block: int = 0
   fused_attention: bool = False
+  scan_layers: bool = False
+  layer_remat: str = "none"
 
   @property
   def resolved_head_dim(self) -> int:

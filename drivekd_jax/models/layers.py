@@ -322,6 +322,55 @@ def _softmax_bwd(probs, d_probs):
 softmax.defvjp(_softmax_fwd, _softmax_bwd)
 
 
+# What a rematerialised block keeps from its forward pass for its backward (`jax.checkpoint`
+# policies; "none": no rematerialisation, everything is kept). "dots": the products of
+# activations with weights (no batch dimensions), so attention probabilities, norms and
+# activations are recomputed; "full": nothing but the block's input.
+REMAT_POLICIES = {
+  "none": None,
+  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def run_blocks(blocks, x, apply, *, scan: bool = False, remat: str = "none"):
+  """Runs identical blocks one after another: `x, y_i = apply(blocks[i], x)`.
+
+  Args:
+    blocks: modules with one structure (graph) each, e.g. a run of decoder layers.
+    x: the first block's input (a pytree).
+    apply: `(block, x) -> (x, y)`; `y` a pytree (or None) of per-block outputs.
+    scan: one `lax.scan` over the blocks' parameters stacked on a new leading axis, so the
+      program holds one block whatever their number (compile time does not grow with depth; the
+      stacked copy of the parameters costs their size once more). False: a Python loop.
+    remat: a `REMAT_POLICIES` name applied to each block.
+
+  Returns:
+    `(x, ys)`: the last output and the list of every block's `y`, in order.
+  """
+  blocks = list(blocks)
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat={remat!r}: expected one of {tuple(REMAT_POLICIES)}")
+  graphdef = nnx.graphdef(blocks[0])
+  if any(nnx.graphdef(b) != graphdef for b in blocks[1:]):
+    raise ValueError("run_blocks needs blocks of one structure")
+
+  def body(x, state):
+    return apply(nnx.merge(graphdef, state), x)
+
+  if remat != "none":
+    body = jax.checkpoint(body, policy=REMAT_POLICIES[remat])
+  if scan and len(blocks) > 1:
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *(nnx.state(b) for b in blocks))
+    x, ys = jax.lax.scan(body, x, stacked)
+    return x, [jax.tree.map(lambda y, i=i: y[i], ys) for i in range(len(blocks))]
+  ys = []
+  for block in blocks:
+    x, y = body(x, nnx.state(block)) if remat != "none" else apply(block, x)
+    ys.append(y)
+  return x, ys
+
+
 def gather_key_columns(maps: jax.Array, key_positions: jax.Array) -> jax.Array:
   """Takes key columns: `[B, T, S]` at int `[B, N]` -> `[B, T, N]`."""
   return jnp.take_along_axis(maps, key_positions[:, None, :].astype(jnp.int32), axis=-1)
