@@ -16,7 +16,7 @@ from flax import nnx
 from jax.ad_checkpoint import print_saved_residuals
 
 from drivekd_jax.models import layers, presets
-from drivekd_jax.models.config import DecoderConfig, MapRequest
+from drivekd_jax.models.config import EXECUTION_FIELDS, DecoderConfig, MapRequest
 from drivekd_jax.models.internvl import InternVL
 from drivekd_jax.models.qwen2 import Decoder
 
@@ -259,3 +259,16 @@ def test_a_scanned_vision_tower_computes_the_same():
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   jax.tree.map(close, got_grads["vision_model"], want_grads["vision_model"])
+
+
+def test_a_loaded_model_takes_the_execution_options_around_its_own_parameters():
+  from drivekd_jax.train.experiment import with_execution_options
+
+  model = InternVL(presets.internvl3("tiny"), rngs=nnx.Rngs(0))
+  options = {name: value for name, value in zip(EXECUTION_FIELDS, (4, True, True, "dots"))}
+  rebuilt = with_execution_options(model, options)
+  assert rebuilt.config.text == dataclasses.replace(model.config.text, **options)
+  assert rebuilt.language_model.layers[0].self_attn.query_block == 4
+  assert rebuilt.language_model.config.scan_layers
+  same = lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  jax.tree.map(same, nnx.state(rebuilt, nnx.Param), nnx.state(model, nnx.Param))

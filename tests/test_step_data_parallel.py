@@ -225,3 +225,18 @@ def test_memory_saving_model_options_give_the_same_gradients(models):
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), results[1], results[0]
   )
+
+
+@pytest.mark.slow
+def test_the_compiled_step_does_the_analytic_matmul_work(models, sequential):
+  """`bench.plan`'s hand count of a step's matmul FLOPs against the compiled HLO's."""
+  from drivekd_jax.bench.plan import analytic_flops
+
+  config = DistillConfig(grad_accum_steps=ACCUM)
+  tx = step_lib.make_optimizer(config, 1e-3)
+  d = assemble_distillation(config, models[0], [models[1]], tx, jax.random.key(0))
+  length = _batch()["input_ids"].shape[1]
+  counted = analytic_flops(d.step_fn.plan, STUDENT, [TEACHER], length, 1, BATCH)
+  _, hlo_flops = sequential
+  assert counted["total"] == pytest.approx(sum(v for k, v in counted.items() if k != "total"))
+  assert 0.8 <= hlo_flops / counted["total"] <= 1.25

@@ -20,7 +20,14 @@ all from the optimized HLO (`hlo_stats`: loop bodies counted once per iteration)
 is a roofline per top-level HLO instruction, max(FLOPs / peak, bytes / HBM bandwidth) summed,
 plus the collective bytes over the chip's interconnect bandwidth with no overlap: a bound that
 real kernels fall short of and overlap improves on; MFU = FLOPs / (time x peak), with the HLO's
-FLOPs (recomputation included). `--json` prints one object instead.
+FLOPs (recomputation included). Beside it, `analytic_flops`: the step's matmul FLOPs counted
+by hand from the model shapes (teacher forward passes, student forward, each loss row's
+backward through what it reaches), and the HLO's ratio to it (recomputation under remat and
+work the hand count omits push it above 1). `--json` prints one object instead.
+
+The models' memory switches are decoder fields, set per model through `text_overrides`
+(`--config.student.text_overrides`, `--config.teachers.<name>.text_overrides`):
+`attention_query_block`, `fused_attention`, `scan_layers`, `layer_remat` (`DecoderConfig`).
 
 A step that does not fit is reported, not raised: XLA:TPU refuses to compile a program larger
 than HBM, and its error's figures (what one device needs, what it has) become the report, with
@@ -211,6 +218,8 @@ def plan(
   )
   rng = jax.eval_shape(lambda: jax.random.key(0))
   lowered = jitted.lower(d.state, batch_sds, rng, d.teacher_states)
+  teacher_cfgs = [model_config(settings.teachers[name]) for name in settings.teacher_order]
+  analytic = analytic_flops(d.step_fn.plan, student_cfg, teacher_cfgs, length, images, batch)
   setup = {
     "topology": topology,
     "device_kind": devices[0].device_kind,
@@ -222,6 +231,7 @@ def plan(
     "length": length,
     "images": images,
     "chip": dataclasses.asdict(chip),
+    "analytic_flops": analytic,
   }
   start = time.perf_counter()
   try:
@@ -262,6 +272,7 @@ def plan(
     "est_collective_seconds": collective_seconds,
     "est_mfu": stats.flops / (step_seconds * peak) if step_seconds else 0.0,
     "est_samples_per_second": batch / step_seconds if step_seconds else 0.0,
+    "hlo_over_analytic_flops": stats.flops * len(devices) / analytic["total"],
     "xla_cost_analysis_flops": float((compiled.cost_analysis() or {}).get("flops", 0.0)),
     "unknown_trip_counts": stats.unknown_trip_counts,
     "per_device": {
@@ -277,6 +288,60 @@ def plan(
       "traffic_bytes": stats.traffic_bytes,
       "collective_bytes": stats.collective_bytes,
     },
+  }
+
+
+def _vision_flops(cfg, images: int) -> float:
+  """Matmul FLOPs of `images` images through the ViT and the projector."""
+  vision, width = cfg.vision, cfg.text.hidden_size
+  patches = (vision.image_size // vision.patch_size) ** 2
+  tokens, d, f = patches + 1, vision.hidden_size, vision.intermediate_size
+  per_layer = 2 * tokens * (4 * d * d + 2 * d * f) + 4 * tokens * tokens * d
+  embed = 2 * patches * vision.patch_size**2 * vision.num_channels * d
+  shuffled = patches * cfg.downsample_ratio**2
+  projector = 2 * shuffled * (d / cfg.downsample_ratio**2 * width + width * width)
+  return images * (embed + vision.num_layers * per_layer + projector)
+
+
+def _layer_flops(text, length: int) -> float:
+  """Matmul FLOPs of one decoder block over `length` tokens (every score of the `[T, T]` map:
+  the causal half is computed too)."""
+  d, dh, f = text.hidden_size, text.resolved_head_dim, text.intermediate_size
+  projections = d * dh * (2 * text.num_heads + 2 * text.num_kv_heads) + 3 * d * f
+  return 2 * length * projections + 4 * length * length * text.num_heads * dh
+
+
+def analytic_flops(step_plan, student_cfg, teacher_cfgs, length, images, samples) -> dict:
+  """The step's matmul FLOPs counted by hand: per sample the teachers' forward passes up to the
+  deepest block their signals read (the head only for logit KD), the student's forward, and each
+  loss row's backward (twice the forward FLOPs of what it crosses: the vision tower and
+  projector when trained, the blocks up to the deepest one it reads, the head for CE and logit
+  KD). Recomputation under remat is not counted: it is the HLO's surplus."""
+  text = student_cfg.text
+  head = lambda cfg: 2 * length * cfg.text.hidden_size * cfg.text.vocab_size
+  teachers = 0.0
+  for cfg, request, logits in zip(
+    teacher_cfgs, step_plan.teacher_requests, step_plan.teacher_logits
+  ):
+    resolved = request.resolve(cfg.text.num_layers)
+    read = resolved.full_layers + resolved.text_to_image_layers + resolved.hidden_layers
+    depth = cfg.text.num_layers if logits else (max(read) + 1 if read else 0)
+    if depth:
+      teachers += _vision_flops(cfg, images) + depth * _layer_flops(cfg.text, length)
+      teachers += head(cfg) if logits else 0.0
+  vision = _vision_flops(student_cfg, images)
+  layer = _layer_flops(text, length)
+  forward = vision + text.num_layers * layer + head(student_cfg)
+  trained_vision = vision if step_plan.config.trainable == "all" else 0.0
+  backward = 0.0
+  for top in step_plan.row_reach:
+    if top == len(step_plan.segments):  # the head: every block
+      backward += 2 * (trained_vision + text.num_layers * layer + head(student_cfg))
+    else:
+      backward += 2 * (trained_vision + step_plan.segments[top][1] * layer)
+  per_sample = {"teachers": teachers, "student_forward": forward, "student_backward": backward}
+  return {k: v * samples for k, v in per_sample.items()} | {
+    "total": samples * sum(per_sample.values())
   }
 
 
@@ -345,6 +410,7 @@ def _does_not_fit_report(setup: dict, compile_seconds: float, shortfall: dict, m
     "est_collective_seconds": None,
     "est_mfu": None,
     "est_samples_per_second": None,
+    "hlo_over_analytic_flops": None,
     "xla_cost_analysis_flops": None,
     "unknown_trip_counts": None,
     "xla_error": message.strip().splitlines()[0][:500],
@@ -383,7 +449,11 @@ def format_table(report: dict) -> str:
       f"{g(d['total_bytes'])} / {g(d['hbm_bytes'])}" + ("" if d["fits"] else "  DOES NOT FIT"),
     ),
     ("per device: FLOPs / step", f"{d['flops']:.3e}"),
-    ("slice: FLOPs / step", f"{report['flops_per_step']:.3e}"),
+    (
+      "slice: FLOPs / step",
+      f"{report['flops_per_step']:.3e} ({report['hlo_over_analytic_flops']:.2f}x the analytic"
+      f" {report['analytic_flops']['total']:.3e})",
+    ),
     ("slice: collective bytes", f"{report['collective_bytes']:.3e}"),
     (
       "est. step time",

@@ -81,6 +81,11 @@ class DecoderConfig:
     return self.head_dim or self.hidden_size // self.num_heads
 
 
+# `DecoderConfig` fields that change how a model computes, not its parameters or results: a
+# checkpoint's model takes them from a run's `text_overrides` (`train.experiment.build_model`).
+EXECUTION_FIELDS = ("attention_query_block", "fused_attention", "scan_layers", "layer_remat")
+
+
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
   """An InternViT encoder (300M: LayerNorm + qkv bias; 6B: RMSNorm + q/k norm, no qkv bias)."""
