@@ -303,20 +303,25 @@ def _vision_flops(cfg, images: int) -> float:
   return images * (embed + vision.num_layers * per_layer + projector)
 
 
-def _layer_flops(text, length: int) -> float:
+def _layer_flops(text, length: int, map_only: bool = False) -> float:
   """Matmul FLOPs of one decoder block over `length` tokens (every score of the `[T, T]` map:
-  the causal half is computed too)."""
+  the causal half is computed too); `map_only`: up to its attention map (queries, keys and
+  scores: what a map read at the block needs)."""
   d, dh, f = text.hidden_size, text.resolved_head_dim, text.intermediate_size
-  projections = d * dh * (2 * text.num_heads + 2 * text.num_kv_heads) + 3 * d * f
-  return 2 * length * projections + 4 * length * length * text.num_heads * dh
+  heads, kv_heads = text.num_heads, text.num_kv_heads
+  if map_only:
+    return 2 * length * d * dh * (heads + kv_heads) + 2 * length * length * heads * dh
+  projections = d * dh * (2 * heads + 2 * kv_heads) + 3 * d * f
+  return 2 * length * projections + 4 * length * length * heads * dh
 
 
 def analytic_flops(step_plan, student_cfg, teacher_cfgs, length, images, samples) -> dict:
-  """The step's matmul FLOPs counted by hand: per sample the teachers' forward passes up to the
-  deepest block their signals read (the head only for logit KD), the student's forward, and each
-  loss row's backward (twice the forward FLOPs of what it crosses: the vision tower and
-  projector when trained, the blocks up to the deepest one it reads, the head for CE and logit
-  KD). Recomputation under remat is not counted: it is the HLO's surplus."""
+  """The step's matmul FLOPs counted by hand: per sample the teachers' forward passes up to
+  what their signals read (the head only for logit KD; a block read for its map only up to its
+  scores), the student's forward, and each loss row's backward (twice the forward FLOPs of what
+  it crosses: the vision tower and projector when trained, the blocks up to the one it reads,
+  the head for CE and logit KD). Recomputation under remat is not counted: it is the HLO's
+  surplus."""
   text = student_cfg.text
   head = lambda cfg: 2 * length * cfg.text.hidden_size * cfg.text.vocab_size
   teachers = 0.0
@@ -325,20 +330,26 @@ def analytic_flops(step_plan, student_cfg, teacher_cfgs, length, images, samples
   ):
     resolved = request.resolve(cfg.text.num_layers)
     read = resolved.full_layers + resolved.text_to_image_layers + resolved.hidden_layers
-    depth = cfg.text.num_layers if logits else (max(read) + 1 if read else 0)
-    if depth:
-      teachers += _vision_flops(cfg, images) + depth * _layer_flops(cfg.text, length)
-      teachers += head(cfg) if logits else 0.0
+    if logits:
+      teachers += cfg.text.num_layers * _layer_flops(cfg.text, length) + head(cfg)
+    elif read:
+      deepest = max(read)
+      teachers += deepest * _layer_flops(cfg.text, length)
+      teachers += _layer_flops(cfg.text, length, deepest not in resolved.hidden_layers)
+    teachers += _vision_flops(cfg, images) if logits or read else 0.0
   vision = _vision_flops(student_cfg, images)
   layer = _layer_flops(text, length)
   forward = vision + text.num_layers * layer + head(student_cfg)
   trained_vision = vision if step_plan.config.trainable == "all" else 0.0
   backward = 0.0
-  for top in step_plan.row_reach:
+  kinds = ("logit_kl",) + tuple(r.signal.kind for r in step_plan.resolved)  # CE reads logits
+  for top, kind in zip(step_plan.row_reach, kinds):
     if top == len(step_plan.segments):  # the head: every block
       backward += 2 * (trained_vision + text.num_layers * layer + head(student_cfg))
     else:
-      backward += 2 * (trained_vision + step_plan.segments[top][1] * layer)
+      deepest = step_plan.segments[top][1] - 1
+      reached = deepest * layer + _layer_flops(text, length, kind == "attention")
+      backward += 2 * (trained_vision + reached)
   per_sample = {"teachers": teachers, "student_forward": forward, "student_backward": backward}
   return {k: v * samples for k, v in per_sample.items()} | {
     "total": samples * sum(per_sample.values())
