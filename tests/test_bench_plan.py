@@ -171,3 +171,48 @@ def test_a_step_xla_cannot_fit_is_reported_not_raised(monkeypatch, demo_settings
   monkeypatch.setattr(plan_lib, "compile_lowered", _refusing_compiler("INTERNAL: a real bug"))
   with pytest.raises(jax.errors.JaxRuntimeError, match="a real bug"):
     plan_lib.plan(demo_settings, "cpu")
+
+
+# The shape of XLA:TPU's loops (from a compiled `lax.scan`, trimmed): no `known_trip_count`; the
+# condition compares the counter with a constant, unfused.
+_TPU_LOOP_TEXT = """HloModule tpu_loop
+
+%body (param: (s32[], f32[32,64], f32[64,48])) -> (s32[], f32[32,64], f32[64,48]) {
+  %param = (s32[]{:T(128)}, f32[32,64]{1,0}, f32[64,48]{1,0}) parameter(0)
+  %gte.0 = s32[]{:T(128)} get-tuple-element(%param), index=0
+  %gte.1 = f32[32,64]{1,0} get-tuple-element(%param), index=1
+  %gte.2 = f32[64,48]{1,0} get-tuple-element(%param), index=2
+  %dot.1 = f32[32,48]{1,0} dot(%gte.1, %gte.2), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %constant.1 = s32[]{:T(128)} constant(1)
+  %add.1 = s32[]{:T(128)} add(%gte.0, %constant.1)
+  ROOT %tuple.1 = (s32[]{:T(128)}, f32[32,64]{1,0}, f32[64,48]{1,0}) tuple(%add.1, %gte.1, %gte.2)
+}
+
+%condition (param.1: (s32[], f32[32,64], f32[64,48])) -> pred[] {
+  %constant.5 = s32[]{:T(128)} constant(BOUND)
+  %param.1 = (s32[]{:T(128)}, f32[32,64]{1,0}, f32[64,48]{1,0}) parameter(0)
+  %gte.3 = s32[]{:T(128)} get-tuple-element(%param.1), index=0
+  ROOT %lt.7 = pred[]{:T(512)} compare(%gte.3, %constant.5), direction=LT, backend_config={}
+}
+
+ENTRY %main (x: f32[32,64], w: f32[64,48]) -> f32[32,64] {
+  %constant.0 = s32[]{:T(128)} constant(0)
+  %x = f32[32,64]{1,0} parameter(0)
+  %w = f32[64,48]{1,0} parameter(1)
+  %tuple.0 = (s32[]{:T(128)}, f32[32,64]{1,0}, f32[64,48]{1,0}) tuple(%constant.0, %x, %w)
+  %while.1 = (s32[]{:T(128)}, f32[32,64]{1,0}, f32[64,48]{1,0}) while(%tuple.0), LOOP
+  ROOT %gte.9 = f32[32,64]{1,0} get-tuple-element(%while.1), index=1
+}
+"""
+_TPU_LOOP = _TPU_LOOP_TEXT.replace("LOOP", "condition=%condition, body=%body")
+
+
+def test_tpu_loops_without_a_known_trip_count_take_their_conditions_bound():
+  stats = hlo_stats.analyze(_TPU_LOOP.replace("BOUND", "7"))
+  assert "condition=%condition, body=%body" in _TPU_LOOP
+  assert stats.flops == 7 * 2 * 32 * 64 * 48
+  assert stats.unknown_trip_counts == 0
+  # A condition that is not `counter < constant` stays unknown (counted once).
+  opaque = _TPU_LOOP.replace("constant(BOUND)", "parameter(1)")
+  stats = hlo_stats.analyze(opaque)
+  assert stats.unknown_trip_counts == 1 and stats.flops == 2 * 32 * 64 * 48

@@ -2,7 +2,8 @@
 
 `compiled.cost_analysis()` visits a `while` body once, but a train step is a `lax.scan` over
 micro-batches: its body runs once per micro-batch. Here every computation gets the number of
-times it runs (the product of the `known_trip_count`s of the loops around it), and:
+times it runs (the product of the trip counts of the loops around it: `known_trip_count`, or
+on TPU, where XLA leaves it out, the bound of a `counter < constant` condition), and:
 
   flops: 2 * output elements * contracted size of every `dot`, and of every `convolution`
     (output elements * kernel elements per output feature); elementwise work is not counted;
@@ -76,6 +77,7 @@ class _Instruction:
   opcode: str
   operands: list[str]
   attrs: str
+  arguments: str = ""  # the text between the opcode's parentheses (a constant's value)
 
 
 @dataclasses.dataclass
@@ -123,7 +125,7 @@ def _parse(text: str) -> tuple[dict[str, list[_Instruction]], str]:
         break
     operands = re.findall(r"%([\w.\-]+)", rest[:end])
     computations[current].append(
-      _Instruction(found.group(1), shape, opcode.strip(), operands, rest[end + 1 :])
+      _Instruction(found.group(1), shape, opcode.strip(), operands, rest[end + 1 :], rest[:end])
     )
   if not entry:
     raise ValueError("HLO text has no ENTRY computation")
@@ -154,6 +156,24 @@ def _dot_flops(instruction: _Instruction, shapes: dict[str, str]) -> float:
   return 2.0 * out * math.prod(kernel) / kernel[labels.group(1).index("o")]
 
 
+def _trip_count(loop: _Instruction, computations: dict[str, list[_Instruction]]) -> float | None:
+  """How many times a `while` runs: its `known_trip_count` (XLA:CPU/GPU), else read off its
+  condition when that is `counter < constant` (XLA:TPU leaves the count out; JAX's loops
+  count from 0), else None."""
+  trip = _TRIP.search(loop.attrs)
+  if trip:
+    return float(trip.group(1))
+  condition = re.search(r"\bcondition=%([\w.\-]+)", loop.attrs)
+  body = computations.get(condition.group(1), []) if condition else []
+  constants = {i.name: i.arguments for i in body if i.opcode == "constant"}
+  compares = [i for i in body if i.opcode == "compare" and "direction=LT" in i.attrs]
+  if len(compares) == 1 and len(compares[0].operands) == 2:
+    bound = constants.get(compares[0].operands[1], "")
+    if re.fullmatch(r"-?\d+", bound.strip()):
+      return float(bound)
+  return None
+
+
 def analyze(text: str) -> HloStats:
   """The per-device statistics of an optimized HLO module (`compiled.as_text()`)."""
   computations, entry = _parse(text)
@@ -167,8 +187,8 @@ def analyze(text: str) -> HloStats:
     for instruction in computations[name]:
       trips = 1.0
       if instruction.opcode == "while":
-        trip = _TRIP.search(instruction.attrs)
-        trips = float(trip.group(1)) if trip else 1.0
+        trip = _trip_count(instruction, computations)
+        trips = 1.0 if trip is None else trip
         unknown += trip is None
       for role, callee in _callees(instruction):
         if callee not in runs:

@@ -100,6 +100,7 @@ flags.DEFINE_enum(
   "remat", "none", tuple(step_lib.REMAT_POLICIES), "What the student's backward keeps."
 )
 flags.DEFINE_bool("json", False, "Print one JSON object.")
+flags.DEFINE_string("hlo_out", "", "Also write the compiled step's optimized HLO text here.")
 
 
 def topology_devices(topology: str) -> list:
@@ -185,8 +186,10 @@ def plan(
   batch=0,
   parallel=0,
   remat="none",
+  hlo_path="",
 ):
-  """Compiles the step for the topology; returns the report dict (see the module docstring)."""
+  """Compiles the step for the topology; returns the report dict (see the module docstring).
+  `hlo_path`: also write the optimized HLO text there (for `hlo_stats` offline)."""
   devices = topology_devices(topology)
   chip, per_chip = chip_of(devices)
   mesh = sharding_lib.make_mesh(settings.mesh, devices=devices)
@@ -244,7 +247,11 @@ def plan(
   compile_seconds = time.perf_counter() - start
 
   memory = compiled.memory_analysis()
-  stats = hlo_stats.analyze(compiled.as_text())
+  hlo_text = compiled.as_text()
+  if hlo_path:
+    with open(hlo_path, "w") as f:
+      f.write(hlo_text)
+  stats = hlo_stats.analyze(hlo_text)
   hbm = chip.hbm_bytes / per_chip
   peak = chip.peak_flops / per_chip
   bandwidth = chip.hbm_bandwidth / per_chip
@@ -493,6 +500,7 @@ def main(argv):
     batch=FLAGS.batch,
     parallel=FLAGS.parallel_samples,
     remat=FLAGS.remat,
+    hlo_path=FLAGS.hlo_out,
   )
   if FLAGS.json:
     json.dump(report, sys.stdout)
