@@ -128,6 +128,7 @@ def _decoder(num_layers=3, **options):
   return Decoder(config, rngs=nnx.Rngs(0))
 
 
+@pytest.mark.slow
 def test_a_decoder_with_blocks_and_fused_layers_computes_the_same():
   plain = _decoder()
   ids = jnp.asarray(np.random.default_rng(4).integers(0, 61, size=(2, 11)), jnp.int32)
