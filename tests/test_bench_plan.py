@@ -216,3 +216,37 @@ def test_tpu_loops_without_a_known_trip_count_take_their_conditions_bound():
   opaque = _TPU_LOOP.replace("constant(BOUND)", "parameter(1)")
   stats = hlo_stats.analyze(opaque)
   assert stats.unknown_trip_counts == 1 and stats.flops == 2 * 32 * 64 * 48
+
+
+def _convolution_module(out, lhs, kernel, attrs):
+  return f"""HloModule conv
+
+ENTRY %main (a: {lhs}, b: {kernel}) -> {out} {{
+  %a = {lhs} parameter(0)
+  %b = {kernel} parameter(1)
+  ROOT %c = {out} convolution(%a, %b), {attrs}
+}}
+"""
+
+
+def test_tpu_batched_products_written_as_windowed_convolutions():
+  """XLA:TPU's form of GQA attention scores (from the compiled paper step): batch dimensions as
+  windows over a dilated input, one real tap per output. Each output element is one 128-long
+  dot product, not one per window position."""
+  text = _convolution_module(
+    "f32[4,3072,512,7]",
+    "bf16[4,3072,128,1]",
+    "bf16[512,4,7,128]",
+    "window={size=4x7 stride=3x1 pad=0_0x6_6 lhs_dilate=4x1 rhs_reversal=0x1}, "
+    "dim_labels=0bf1_o01i->0bf1",
+  )
+  assert hlo_stats.analyze(text).flops == 2 * (4 * 3072 * 512 * 7) * 128
+  # A real 3x3 convolution with padding 1 (the border outputs see fewer real taps).
+  text = _convolution_module(
+    "f32[1,4,4,8]",
+    "f32[1,4,4,2]",
+    "f32[3,3,2,8]",
+    "window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f",
+  )
+  taps_per_row = (2 + 3 + 3 + 2) / 4
+  assert hlo_stats.analyze(text).flops == pytest.approx(2 * (16 * 8) * 2 * taps_per_row**2)

@@ -147,13 +147,68 @@ def _dot_flops(instruction: _Instruction, shapes: dict[str, str]) -> float:
     lhs = _dims(shapes.get(instruction.operands[0], ""))
     contracted = [int(d) for d in found.group(1).split(",") if d] if found else []
     return 2.0 * out * math.prod(lhs[d] for d in contracted if d < len(lhs))
-  # convolution: each output element takes (kernel elements / output features) products.
+  # convolution: each output element takes (kernel input features x the window taps that land
+  # on real input) products.
   kernel = _dims(shapes.get(instruction.operands[1], "")) if len(instruction.operands) > 1 else []
-  labels = re.search(r"dim_labels=[^_]*_([^-]*)->", instruction.attrs)
-  if not kernel or not labels or "o" not in labels.group(1):
+  labels = re.search(r"dim_labels=([^_]*)_([^-]*)->", instruction.attrs)
+  if not kernel or not labels or "i" not in labels.group(2):
     return 0.0
+  lhs = _dims(shapes.get(instruction.operands[0], ""))
+  lhs_labels, kernel_labels = labels.groups()
+  spatial = sorted(
+    (int(c), lhs[k]) for k, c in enumerate(lhs_labels) if c.isdigit() and k < len(lhs)
+  )
+  window_sizes = [
+    kernel[k]
+    for c in sorted(c for c in kernel_labels if c.isdigit())
+    for k in [kernel_labels.index(c)]
+  ]
   # The kernel's input-feature dimension is already per group.
-  return 2.0 * out * math.prod(kernel) / kernel[labels.group(1).index("o")]
+  in_features = kernel[kernel_labels.index("i")]
+  taps = _window_taps(instruction.attrs, [n for _, n in spatial], window_sizes)
+  return 2.0 * out * in_features * taps
+
+
+def _window_field(window: str, name: str, count: int, default: int) -> list[int]:
+  found = re.search(rf"\b{name}=([0-9x]+)", window)
+  return [int(v) for v in found.group(1).split("x")] if found else [default] * count
+
+
+def _window_taps(attrs: str, input_sizes: list[int], window_sizes: list[int]) -> float:
+  """The mean number of window positions per output element that read real input (not padding,
+  not the holes of `lhs_dilate`), multiplied over the spatial dimensions. XLA:TPU writes batched
+  products as convolutions whose batch dimensions are windows over a dilated input (window size
+  = dilation: one real tap per output); counting every tap would count those products many
+  times over."""
+  found = re.search(r"window=\{([^}]*)\}", attrs)
+  count = len(window_sizes)
+  if not found or count == 0 or len(input_sizes) != count:
+    return float(math.prod(window_sizes))
+  window = found.group(1)
+  strides = _window_field(window, "stride", count, 1)
+  lhs_dilation = _window_field(window, "lhs_dilate", count, 1)
+  rhs_dilation = _window_field(window, "rhs_dilate", count, 1)
+  pads = re.search(r"\bpad=([0-9_x-]+)", window)
+  pads = (
+    [tuple(int(v) for v in p.split("_")) for p in pads.group(1).split("x")]
+    if pads
+    else [(0, 0)] * count
+  )
+  taps = 1.0
+  for n, w, st, d, rd, (lo, hi) in zip(
+    input_sizes, window_sizes, strides, lhs_dilation, rhs_dilation, pads
+  ):
+    dilated = (n - 1) * d + 1
+    outputs = (lo + dilated + hi - ((w - 1) * rd + 1)) // st + 1
+    if outputs <= 0:
+      return 0.0
+    real = 0
+    for j in range(outputs):
+      for t in range(w):
+        position = j * st + t * rd - lo
+        real += 0 <= position < dilated and position % d == 0
+    taps *= real / outputs
+  return taps
 
 
 def _trip_count(loop: _Instruction, computations: dict[str, list[_Instruction]]) -> float | None:
