@@ -250,3 +250,21 @@ def test_tpu_batched_products_written_as_windowed_convolutions():
   )
   taps_per_row = (2 + 3 + 3 + 2) / 4
   assert hlo_stats.analyze(text).flops == pytest.approx(2 * (16 * 8) * 2 * taps_per_row**2)
+
+
+def test_a_scan_over_stacked_weights_reads_one_slice_per_step():
+  """Each iteration slices one `[64, 64]` weight out of the `[16, 64, 64]` stack: the traffic is
+  about a slice per step, not the whole stack per step."""
+  steps = 16
+
+  def f(stack, x):
+    return jax.lax.scan(lambda c, w: (jnp.tanh(c @ w), None), x, stack)[0]
+
+  args = (
+    jax.ShapeDtypeStruct((steps, 64, 64), jnp.float32),
+    jax.ShapeDtypeStruct((32, 64), jnp.float32),
+  )
+  stats = hlo_stats.analyze(jax.jit(f).lower(*args).compile().as_text())
+  stack_bytes = steps * 64 * 64 * 4
+  assert stats.flops == steps * 2 * 32 * 64 * 64
+  assert stack_bytes <= stats.traffic_bytes < steps * stack_bytes / 2

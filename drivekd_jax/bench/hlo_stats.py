@@ -9,6 +9,8 @@ on TPU, where XLA leaves it out, the bound of a `counter < constant` condition),
     (output elements * kernel elements per output feature); elementwise work is not counted;
   traffic: bytes of the operands and outputs of every top-level instruction (fusions, dots,
     copies, collectives; not parameters, tuples, bitcasts, loops), a stand-in for HBM traffic;
+    a slice counts what it takes and an in-place dynamic-update-slice its update, also inside a
+    fusion (`_moved_bytes`);
   collective bytes: the output bytes of all-reduce, all-gather, reduce-scatter, all-to-all and
     collective-permute (the `-start` of an async pair);
   roofline_seconds(peak, bandwidth): each top-level instruction takes
@@ -229,6 +231,43 @@ def _trip_count(loop: _Instruction, computations: dict[str, list[_Instruction]])
   return None
 
 
+_SLICES = ("dynamic-slice", "slice")
+
+
+def _moved_bytes(instruction, out_bytes, shapes, computations) -> tuple[float, float]:
+  """(bytes read, bytes written) of a top-level instruction: its operands and output, except
+  that a slice reads only what it takes and a dynamic-update-slice (in place) reads and writes
+  only its update, also inside a fusion (a scan's body slices one layer out of the stacked
+  parameters: the whole stack is not read every iteration)."""
+  sizes = [array_bytes(shapes.get(o, "")) for o in instruction.operands]
+  if instruction.opcode in _SLICES:
+    return out_bytes, out_bytes
+  if instruction.opcode == "dynamic-update-slice" and len(sizes) > 1:
+    return sizes[1], sizes[1]
+  fused = [c for role, c in _callees(instruction) if role == "calls" and c in computations]
+  if instruction.opcode != "fusion" or not fused:
+    return sum(sizes), out_bytes
+  body = computations[fused[0]]
+  users: dict[str, list] = {}
+  for inner in body:
+    for position, operand in enumerate(inner.operands):
+      users.setdefault(operand, []).append((inner, position))
+  for inner in body:
+    if inner.opcode != "parameter" or not inner.arguments.strip().isdigit():
+      continue
+    index = int(inner.arguments)
+    uses = users.get(inner.name, [])
+    if index >= len(sizes) or not uses:
+      continue
+    if all(user.opcode in _SLICES and position == 0 for user, position in uses):
+      sizes[index] = sum(array_bytes(user.shape) for user, _ in uses)
+    elif all(user.opcode == "dynamic-update-slice" and position == 0 for user, position in uses):
+      update = sum(array_bytes(shapes.get(user.operands[1], "")) for user, _ in uses)
+      sizes[index] = update
+      out_bytes = min(out_bytes, update)
+  return sum(sizes), out_bytes
+
+
 def analyze(text: str) -> HloStats:
   """The per-device statistics of an optimized HLO module (`compiled.as_text()`)."""
   computations, entry = _parse(text)
@@ -285,7 +324,7 @@ def analyze(text: str) -> HloStats:
           out_bytes = max(array_bytes(f"{t}[{d}]") for t, d in _ARRAY.findall(instruction.shape))
         by_kind[kind] += n * out_bytes
         collective += n * out_bytes
-      in_bytes = sum(array_bytes(shapes.get(o, "")) for o in instruction.operands)
+      in_bytes, out_bytes = _moved_bytes(instruction, out_bytes, shapes, computations)
       flops += n * op_flops
       traffic += n * (in_bytes + out_bytes)
       ops.append((op_flops, in_bytes + out_bytes, n))
