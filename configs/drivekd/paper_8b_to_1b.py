@@ -35,9 +35,11 @@ the default mesh shards parameters over all devices (FSDP), batches are not spli
 head-averaged maps) over blocks of 512 queries (`MEMORY_OPTIONS`; exact, they change memory and
 compile time only): `python -m drivekd_jax.bench.plan --config=<this file> --topology=v5e:4x4`
 compiles the step for a TPU slice and says whether it fits (docs/benchmarks.md §7).
-Estimated ~5e13 FLOPs per sample (teacher forward, student forward and four backward passes),
-i.e. roughly 0.3-0.6 s per sample on one H100 at 30-40% MFU; an epoch of ~20k samples is ~2-3
-GPU-hours. Multi-host: add `--config.jax_distributed=True` (SLURM/TPU auto-detected).
+At 3072 tokens and 6 images a sample is ~1.1e14 matmul FLOPs by the plan tool's hand count
+(teacher forward 4.5e13, student forward 8e12, the four loss rows' backward 5.4e13; per-layer
+remat adds its recomputation), i.e. roughly 0.3-0.4 s per sample on one H100 at 30-40% MFU; an
+epoch of ~20k samples is ~2 GPU-hours. Multi-host: add `--config.jax_distributed=True`
+(SLURM/TPU auto-detected).
 """
 
 import ml_collections
