@@ -187,3 +187,56 @@ def test_remat_policies_give_the_same_gradients(models):
       results[remat],
       results["none"],
     )
+
+
+@pytest.mark.slow
+def test_memory_saving_model_options_give_the_same_gradients(models):
+  """Student and teacher with scanned runs of layers, per-layer remat, query-blocked maps and
+  fused attention where no map is read: the stacked weighted gradients of the plain models."""
+  import dataclasses
+
+  config = DistillConfig(grad_accum_steps=ACCUM)
+  tx = step_lib.make_optimizer(config, 1e-3)
+  mb = {k: v[:1] for k, v in _batch().items()}
+  weights = jnp.asarray([0.7, 1.3, 2.0, 0.5])
+  options = dict(
+    scan_layers=True, layer_remat="full", attention_query_block=4, fused_attention=True
+  )
+
+  def saving(model, seed):
+    cfg = model.config
+    other = InternVL(
+      dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, **options)), rngs=nnx.Rngs(seed)
+    )
+    nnx.update(other, nnx.state(model))
+    return other
+
+  results = []
+  for student, teacher in (models, (saving(models[0], 5), saving(models[1], 6))):
+    d = assemble_distillation(config, student, [teacher], tx, jax.random.key(0))
+    plan = d.step_fn.plan
+
+    def grads(params, teachers, plan=plan, frozen=d.state.frozen):
+      mixing = step_lib.losses.mixing_matrix(plan.config.mixing)
+      touts = step_lib._teacher_outputs(plan, teachers, mb)
+      return step_lib._weighted_gradients(plan, params, frozen, mb, touts, mixing, weights)
+
+    results.append(jax.jit(grads)(d.state.params, d.teacher_states))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), results[1], results[0]
+  )
+
+
+@pytest.mark.slow
+def test_the_compiled_step_does_the_analytic_matmul_work(models, sequential):
+  """`bench.plan`'s hand count of a step's matmul FLOPs against the compiled HLO's."""
+  from drivekd_jax.bench.plan import analytic_flops
+
+  config = DistillConfig(grad_accum_steps=ACCUM)
+  tx = step_lib.make_optimizer(config, 1e-3)
+  d = assemble_distillation(config, models[0], [models[1]], tx, jax.random.key(0))
+  length = _batch()["input_ids"].shape[1]
+  counted = analytic_flops(d.step_fn.plan, STUDENT, [TEACHER], length, 1, BATCH)
+  _, hlo_flops = sequential
+  assert counted["total"] == pytest.approx(sum(v for k, v in counted.items() if k != "total"))
+  assert 0.8 <= hlo_flops / counted["total"] <= 1.25

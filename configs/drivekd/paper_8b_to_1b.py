@@ -31,9 +31,15 @@ in the paper's figure), one epoch. Per-capability teachers: set `teacher_names` 
 Hardware and cost: the 8B teacher in bf16 (~16 GB), the 1B student in fp32 with AdamW (~16 GB)
 and the attention maps (27 full L x L maps per sample at L ~ 2k: ~0.5 GB) fit one 80 GB GPU;
 the default mesh shards parameters over all devices (FSDP), batches are not split (micro-batch
-1). Estimated ~5e13 FLOPs per sample (teacher forward, student forward and four backward
-passes), i.e. roughly 0.3-0.6 s per sample on one H100 at 30-40% MFU; an epoch of ~20k samples
-is ~2-3 GPU-hours. Multi-host: add `--config.jax_distributed=True` (SLURM/TPU auto-detected).
+1). Both models run their layers as scans, each layer rematerialised, with attention (and its
+head-averaged maps) over blocks of 512 queries (`MEMORY_OPTIONS`; exact, they change memory and
+compile time only): `python -m drivekd_jax.bench.plan --config=<this file> --topology=v5e:4x4`
+compiles the step for a TPU slice and says whether it fits (docs/benchmarks.md §7).
+At 3072 tokens and 6 images a sample is ~1.1e14 matmul FLOPs by the plan tool's hand count
+(teacher forward 4.5e13, student forward 8e12, the four loss rows' backward 5.4e13; per-layer
+remat adds its recomputation), i.e. roughly 0.3-0.4 s per sample on one H100 at 30-40% MFU; an
+epoch of ~20k samples is ~2 GPU-hours. Multi-host: add `--config.jax_distributed=True`
+(SLURM/TPU auto-detected).
 """
 
 import ml_collections
@@ -41,6 +47,8 @@ import ml_collections
 from drivekd_jax.train.settings import default_config, teacher_config
 
 CAPABILITIES = ("perception", "reasoning", "planning")
+# Decoder fields that change how the models compute, not what (`models.config.EXECUTION_FIELDS`).
+MEMORY_OPTIONS = dict(attention_query_block=512, scan_layers=True, layer_remat="full")
 
 
 def get_config(arg: str = "multi") -> ml_collections.ConfigDict:
@@ -74,14 +82,18 @@ def get_config(arg: str = "multi") -> ml_collections.ConfigDict:
       checkpoint="models/InternVL3-1B",
       dtype="bfloat16",
       param_dtype="float32",
-      text_overrides={},
+      text_overrides=dict(MEMORY_OPTIONS),
     )
   )
   c.data.tokenizer = c.student.get_ref("checkpoint")
   c.teacher_names = "shared"
   c.teachers = ml_collections.ConfigDict()
   c.teachers.shared = teacher_config(
-    "8B", checkpoint="models/InternVL3-8B", dtype="bfloat16", param_dtype="bfloat16"
+    "8B",
+    checkpoint="models/InternVL3-8B",
+    dtype="bfloat16",
+    param_dtype="bfloat16",
+    **MEMORY_OPTIONS,
   )
   c.teachers.shared.tokenizer = c.teachers.shared.get_ref("checkpoint")
 

@@ -2,12 +2,15 @@
 
 `compiled.cost_analysis()` visits a `while` body once, but a train step is a `lax.scan` over
 micro-batches: its body runs once per micro-batch. Here every computation gets the number of
-times it runs (the product of the `known_trip_count`s of the loops around it), and:
+times it runs (the product of the trip counts of the loops around it: `known_trip_count`, or
+on TPU, where XLA leaves it out, the bound of a `counter < constant` condition), and:
 
   flops: 2 * output elements * contracted size of every `dot`, and of every `convolution`
     (output elements * kernel elements per output feature); elementwise work is not counted;
   traffic: bytes of the operands and outputs of every top-level instruction (fusions, dots,
     copies, collectives; not parameters, tuples, bitcasts, loops), a stand-in for HBM traffic;
+    a slice counts what it takes and an in-place dynamic-update-slice its update, also inside a
+    fusion (`_moved_bytes`);
   collective bytes: the output bytes of all-reduce, all-gather, reduce-scatter, all-to-all and
     collective-permute (the `-start` of an async pair);
   roofline_seconds(peak, bandwidth): each top-level instruction takes
@@ -76,6 +79,7 @@ class _Instruction:
   opcode: str
   operands: list[str]
   attrs: str
+  arguments: str = ""  # the text between the opcode's parentheses (a constant's value)
 
 
 @dataclasses.dataclass
@@ -123,7 +127,7 @@ def _parse(text: str) -> tuple[dict[str, list[_Instruction]], str]:
         break
     operands = re.findall(r"%([\w.\-]+)", rest[:end])
     computations[current].append(
-      _Instruction(found.group(1), shape, opcode.strip(), operands, rest[end + 1 :])
+      _Instruction(found.group(1), shape, opcode.strip(), operands, rest[end + 1 :], rest[:end])
     )
   if not entry:
     raise ValueError("HLO text has no ENTRY computation")
@@ -145,13 +149,123 @@ def _dot_flops(instruction: _Instruction, shapes: dict[str, str]) -> float:
     lhs = _dims(shapes.get(instruction.operands[0], ""))
     contracted = [int(d) for d in found.group(1).split(",") if d] if found else []
     return 2.0 * out * math.prod(lhs[d] for d in contracted if d < len(lhs))
-  # convolution: each output element takes (kernel elements / output features) products.
+  # convolution: each output element takes (kernel input features x the window taps that land
+  # on real input) products.
   kernel = _dims(shapes.get(instruction.operands[1], "")) if len(instruction.operands) > 1 else []
-  labels = re.search(r"dim_labels=[^_]*_([^-]*)->", instruction.attrs)
-  if not kernel or not labels or "o" not in labels.group(1):
+  labels = re.search(r"dim_labels=([^_]*)_([^-]*)->", instruction.attrs)
+  if not kernel or not labels or "i" not in labels.group(2):
     return 0.0
+  lhs = _dims(shapes.get(instruction.operands[0], ""))
+  lhs_labels, kernel_labels = labels.groups()
+  spatial = sorted(
+    (int(c), lhs[k]) for k, c in enumerate(lhs_labels) if c.isdigit() and k < len(lhs)
+  )
+  window_sizes = [
+    kernel[k]
+    for c in sorted(c for c in kernel_labels if c.isdigit())
+    for k in [kernel_labels.index(c)]
+  ]
   # The kernel's input-feature dimension is already per group.
-  return 2.0 * out * math.prod(kernel) / kernel[labels.group(1).index("o")]
+  in_features = kernel[kernel_labels.index("i")]
+  taps = _window_taps(instruction.attrs, [n for _, n in spatial], window_sizes)
+  return 2.0 * out * in_features * taps
+
+
+def _window_field(window: str, name: str, count: int, default: int) -> list[int]:
+  found = re.search(rf"\b{name}=([0-9x]+)", window)
+  return [int(v) for v in found.group(1).split("x")] if found else [default] * count
+
+
+def _window_taps(attrs: str, input_sizes: list[int], window_sizes: list[int]) -> float:
+  """The mean number of window positions per output element that read real input (not padding,
+  not the holes of `lhs_dilate`), multiplied over the spatial dimensions. XLA:TPU writes batched
+  products as convolutions whose batch dimensions are windows over a dilated input (window size
+  = dilation: one real tap per output); counting every tap would count those products many
+  times over."""
+  found = re.search(r"window=\{([^}]*)\}", attrs)
+  count = len(window_sizes)
+  if not found or count == 0 or len(input_sizes) != count:
+    return float(math.prod(window_sizes))
+  window = found.group(1)
+  strides = _window_field(window, "stride", count, 1)
+  lhs_dilation = _window_field(window, "lhs_dilate", count, 1)
+  rhs_dilation = _window_field(window, "rhs_dilate", count, 1)
+  pads = re.search(r"\bpad=([0-9_x-]+)", window)
+  pads = (
+    [tuple(int(v) for v in p.split("_")) for p in pads.group(1).split("x")]
+    if pads
+    else [(0, 0)] * count
+  )
+  taps = 1.0
+  for n, w, st, d, rd, (lo, hi) in zip(
+    input_sizes, window_sizes, strides, lhs_dilation, rhs_dilation, pads
+  ):
+    dilated = (n - 1) * d + 1
+    outputs = (lo + dilated + hi - ((w - 1) * rd + 1)) // st + 1
+    if outputs <= 0:
+      return 0.0
+    real = 0
+    for j in range(outputs):
+      for t in range(w):
+        position = j * st + t * rd - lo
+        real += 0 <= position < dilated and position % d == 0
+    taps *= real / outputs
+  return taps
+
+
+def _trip_count(loop: _Instruction, computations: dict[str, list[_Instruction]]) -> float | None:
+  """How many times a `while` runs: its `known_trip_count` (XLA:CPU/GPU), else read off its
+  condition when that is `counter < constant` (XLA:TPU leaves the count out; JAX's loops
+  count from 0), else None."""
+  trip = _TRIP.search(loop.attrs)
+  if trip:
+    return float(trip.group(1))
+  condition = re.search(r"\bcondition=%([\w.\-]+)", loop.attrs)
+  body = computations.get(condition.group(1), []) if condition else []
+  constants = {i.name: i.arguments for i in body if i.opcode == "constant"}
+  compares = [i for i in body if i.opcode == "compare" and "direction=LT" in i.attrs]
+  if len(compares) == 1 and len(compares[0].operands) == 2:
+    bound = constants.get(compares[0].operands[1], "")
+    if re.fullmatch(r"-?\d+", bound.strip()):
+      return float(bound)
+  return None
+
+
+_SLICES = ("dynamic-slice", "slice")
+
+
+def _moved_bytes(instruction, out_bytes, shapes, computations) -> tuple[float, float]:
+  """(bytes read, bytes written) of a top-level instruction: its operands and output, except
+  that a slice reads only what it takes and a dynamic-update-slice (in place) reads and writes
+  only its update, also inside a fusion (a scan's body slices one layer out of the stacked
+  parameters: the whole stack is not read every iteration)."""
+  sizes = [array_bytes(shapes.get(o, "")) for o in instruction.operands]
+  if instruction.opcode in _SLICES:
+    return out_bytes, out_bytes
+  if instruction.opcode == "dynamic-update-slice" and len(sizes) > 1:
+    return sizes[1], sizes[1]
+  fused = [c for role, c in _callees(instruction) if role == "calls" and c in computations]
+  if instruction.opcode != "fusion" or not fused:
+    return sum(sizes), out_bytes
+  body = computations[fused[0]]
+  users: dict[str, list] = {}
+  for inner in body:
+    for position, operand in enumerate(inner.operands):
+      users.setdefault(operand, []).append((inner, position))
+  for inner in body:
+    if inner.opcode != "parameter" or not inner.arguments.strip().isdigit():
+      continue
+    index = int(inner.arguments)
+    uses = users.get(inner.name, [])
+    if index >= len(sizes) or not uses:
+      continue
+    if all(user.opcode in _SLICES and position == 0 for user, position in uses):
+      sizes[index] = sum(array_bytes(user.shape) for user, _ in uses)
+    elif all(user.opcode == "dynamic-update-slice" and position == 0 for user, position in uses):
+      update = sum(array_bytes(shapes.get(user.operands[1], "")) for user, _ in uses)
+      sizes[index] = update
+      out_bytes = min(out_bytes, update)
+  return sum(sizes), out_bytes
 
 
 def analyze(text: str) -> HloStats:
@@ -167,8 +281,8 @@ def analyze(text: str) -> HloStats:
     for instruction in computations[name]:
       trips = 1.0
       if instruction.opcode == "while":
-        trip = _TRIP.search(instruction.attrs)
-        trips = float(trip.group(1)) if trip else 1.0
+        trip = _trip_count(instruction, computations)
+        trips = 1.0 if trip is None else trip
         unknown += trip is None
       for role, callee in _callees(instruction):
         if callee not in runs:
@@ -210,7 +324,7 @@ def analyze(text: str) -> HloStats:
           out_bytes = max(array_bytes(f"{t}[{d}]") for t, d in _ARRAY.findall(instruction.shape))
         by_kind[kind] += n * out_bytes
         collective += n * out_bytes
-      in_bytes = sum(array_bytes(shapes.get(o, "")) for o in instruction.operands)
+      in_bytes, out_bytes = _moved_bytes(instruction, out_bytes, shapes, computations)
       flops += n * op_flops
       traffic += n * (in_bytes + out_bytes)
       ops.append((op_flops, in_bytes + out_bytes, n))

@@ -20,7 +20,18 @@ all from the optimized HLO (`hlo_stats`: loop bodies counted once per iteration)
 is a roofline per top-level HLO instruction, max(FLOPs / peak, bytes / HBM bandwidth) summed,
 plus the collective bytes over the chip's interconnect bandwidth with no overlap: a bound that
 real kernels fall short of and overlap improves on; MFU = FLOPs / (time x peak), with the HLO's
-FLOPs (recomputation included). `--json` prints one object instead.
+FLOPs (recomputation included). Beside it, `analytic_flops`: the step's matmul FLOPs counted
+by hand from the model shapes (teacher forward passes, student forward, each loss row's
+backward through what it reaches), and the HLO's ratio to it (recomputation under remat and
+work the hand count omits push it above 1). `--json` prints one object instead.
+
+The models' memory switches are decoder fields, set per model through `text_overrides`
+(`--config.student.text_overrides`, `--config.teachers.<name>.text_overrides`):
+`attention_query_block`, `fused_attention`, `scan_layers`, `layer_remat` (`DecoderConfig`).
+
+A step that does not fit is reported, not raised: XLA:TPU refuses to compile a program larger
+than HBM, and its error's figures (what one device needs, what it has) become the report, with
+`fits` false and no FLOPs or estimates (None).
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -88,6 +100,7 @@ flags.DEFINE_enum(
   "remat", "none", tuple(step_lib.REMAT_POLICIES), "What the student's backward keeps."
 )
 flags.DEFINE_bool("json", False, "Print one JSON object.")
+flags.DEFINE_string("hlo_out", "", "Also write the compiled step's optimized HLO text here.")
 
 
 def topology_devices(topology: str) -> list:
@@ -173,8 +186,10 @@ def plan(
   batch=0,
   parallel=0,
   remat="none",
+  hlo_path="",
 ):
-  """Compiles the step for the topology; returns the report dict (see the module docstring)."""
+  """Compiles the step for the topology; returns the report dict (see the module docstring).
+  `hlo_path`: also write the optimized HLO text there (for `hlo_stats` offline)."""
   devices = topology_devices(topology)
   chip, per_chip = chip_of(devices)
   mesh = sharding_lib.make_mesh(settings.mesh, devices=devices)
@@ -205,12 +220,38 @@ def plan(
     teacher_shardings=d.teacher_shardings,
   )
   rng = jax.eval_shape(lambda: jax.random.key(0))
+  lowered = jitted.lower(d.state, batch_sds, rng, d.teacher_states)
+  teacher_cfgs = [model_config(settings.teachers[name]) for name in settings.teacher_order]
+  analytic = analytic_flops(d.step_fn.plan, student_cfg, teacher_cfgs, length, images, batch)
+  setup = {
+    "topology": topology,
+    "device_kind": devices[0].device_kind,
+    "devices": len(devices),
+    "mesh": dict(mesh.shape),
+    "parallel_samples": parallel,
+    "remat": remat,
+    "batch": batch,
+    "length": length,
+    "images": images,
+    "chip": dataclasses.asdict(chip),
+    "analytic_flops": analytic,
+  }
   start = time.perf_counter()
-  compiled = jitted.lower(d.state, batch_sds, rng, d.teacher_states).compile()
+  try:
+    compiled = compile_lowered(lowered)
+  except jax.errors.JaxRuntimeError as error:
+    shortfall = parse_out_of_memory(str(error))
+    if shortfall is None:
+      raise
+    return _does_not_fit_report(setup, time.perf_counter() - start, shortfall, str(error))
   compile_seconds = time.perf_counter() - start
 
   memory = compiled.memory_analysis()
-  stats = hlo_stats.analyze(compiled.as_text())
+  hlo_text = compiled.as_text()
+  if hlo_path:
+    with open(hlo_path, "w") as f:
+      f.write(hlo_text)
+  stats = hlo_stats.analyze(hlo_text)
   hbm = chip.hbm_bytes / per_chip
   peak = chip.peak_flops / per_chip
   bandwidth = chip.hbm_bandwidth / per_chip
@@ -223,16 +264,10 @@ def plan(
   temp = float(memory.temp_size_in_bytes)
   # Donated state: the outputs aliased to arguments take no room of their own.
   total = argument + output - alias + temp
+  fits = bool(total <= hbm)
   return {
-    "topology": topology,
-    "device_kind": devices[0].device_kind,
-    "devices": len(devices),
-    "mesh": dict(mesh.shape),
-    "parallel_samples": parallel,
-    "remat": remat,
-    "batch": batch,
-    "length": length,
-    "images": images,
+    **setup,
+    "fits": fits,
     "compile_seconds": compile_seconds,
     "flops_per_step": stats.flops * len(devices),
     "collective_bytes": stats.collective_bytes * len(devices),
@@ -244,21 +279,160 @@ def plan(
     "est_collective_seconds": collective_seconds,
     "est_mfu": stats.flops / (step_seconds * peak) if step_seconds else 0.0,
     "est_samples_per_second": batch / step_seconds if step_seconds else 0.0,
+    "hlo_over_analytic_flops": stats.flops * len(devices) / analytic["total"],
     "xla_cost_analysis_flops": float((compiled.cost_analysis() or {}).get("flops", 0.0)),
     "unknown_trip_counts": stats.unknown_trip_counts,
-    "chip": dataclasses.asdict(chip),
     "per_device": {
       "argument_bytes": argument,
       "output_bytes": output,
       "alias_bytes": alias,
       "temp_bytes": temp,
       "total_bytes": total,
+      "required_bytes": total,
       "hbm_bytes": hbm,
-      "fits": bool(total <= hbm),
+      "fits": fits,
       "flops": stats.flops,
       "traffic_bytes": stats.traffic_bytes,
       "collective_bytes": stats.collective_bytes,
     },
+  }
+
+
+def _vision_flops(cfg, images: int) -> float:
+  """Matmul FLOPs of `images` images through the ViT and the projector."""
+  vision, width = cfg.vision, cfg.text.hidden_size
+  patches = (vision.image_size // vision.patch_size) ** 2
+  tokens, d, f = patches + 1, vision.hidden_size, vision.intermediate_size
+  per_layer = 2 * tokens * (4 * d * d + 2 * d * f) + 4 * tokens * tokens * d
+  embed = 2 * patches * vision.patch_size**2 * vision.num_channels * d
+  shuffled = patches * cfg.downsample_ratio**2
+  projector = 2 * shuffled * (d / cfg.downsample_ratio**2 * width + width * width)
+  return images * (embed + vision.num_layers * per_layer + projector)
+
+
+def _layer_flops(text, length: int, map_only: bool = False) -> float:
+  """Matmul FLOPs of one decoder block over `length` tokens (every score of the `[T, T]` map:
+  the causal half is computed too); `map_only`: up to its attention map (queries, keys and
+  scores: what a map read at the block needs)."""
+  d, dh, f = text.hidden_size, text.resolved_head_dim, text.intermediate_size
+  heads, kv_heads = text.num_heads, text.num_kv_heads
+  if map_only:
+    return 2 * length * d * dh * (heads + kv_heads) + 2 * length * length * heads * dh
+  projections = d * dh * (2 * heads + 2 * kv_heads) + 3 * d * f
+  return 2 * length * projections + 4 * length * length * heads * dh
+
+
+def analytic_flops(step_plan, student_cfg, teacher_cfgs, length, images, samples) -> dict:
+  """The step's matmul FLOPs counted by hand: per sample the teachers' forward passes up to
+  what their signals read (the head only for logit KD; a block read for its map only up to its
+  scores), the student's forward, and each loss row's backward (twice the forward FLOPs of what
+  it crosses: the vision tower and projector when trained, the blocks up to the one it reads,
+  the head for CE and logit KD). Recomputation under remat is not counted: it is the HLO's
+  surplus."""
+  text = student_cfg.text
+  head = lambda cfg: 2 * length * cfg.text.hidden_size * cfg.text.vocab_size
+  teachers = 0.0
+  for cfg, request, logits in zip(
+    teacher_cfgs, step_plan.teacher_requests, step_plan.teacher_logits
+  ):
+    resolved = request.resolve(cfg.text.num_layers)
+    read = resolved.full_layers + resolved.text_to_image_layers + resolved.hidden_layers
+    if logits:
+      teachers += cfg.text.num_layers * _layer_flops(cfg.text, length) + head(cfg)
+    elif read:
+      deepest = max(read)
+      teachers += deepest * _layer_flops(cfg.text, length)
+      teachers += _layer_flops(cfg.text, length, deepest not in resolved.hidden_layers)
+    teachers += _vision_flops(cfg, images) if logits or read else 0.0
+  vision = _vision_flops(student_cfg, images)
+  layer = _layer_flops(text, length)
+  forward = vision + text.num_layers * layer + head(student_cfg)
+  trained_vision = vision if step_plan.config.trainable == "all" else 0.0
+  backward = 0.0
+  kinds = ("logit_kl",) + tuple(r.signal.kind for r in step_plan.resolved)  # CE reads logits
+  for top, kind in zip(step_plan.row_reach, kinds):
+    if top == len(step_plan.segments):  # the head: every block
+      backward += 2 * (trained_vision + text.num_layers * layer + head(student_cfg))
+    else:
+      deepest = step_plan.segments[top][1] - 1
+      reached = deepest * layer + _layer_flops(text, length, kind == "attention")
+      backward += 2 * (trained_vision + reached)
+  per_sample = {"teachers": teachers, "student_forward": forward, "student_backward": backward}
+  return {k: v * samples for k, v in per_sample.items()} | {
+    "total": samples * sum(per_sample.values())
+  }
+
+
+def compile_lowered(lowered):
+  """`lowered.compile()` (a seam: tests plant the compiler's errors here)."""
+  return lowered.compile()
+
+
+# XLA prints sizes with binary prefixes ("15.75G" is 15.75 GiB: tsl's HumanReadableNumBytes).
+_SIZE = r"([0-9.]+)\s*([KMGTP]i?)?B?"
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4, "P": 1024**5}
+# The two forms of XLA:TPU's out-of-memory compile error: temporaries alone exceeding HBM, and
+# the whole program (arguments, outputs, temporaries) against it.
+_OUT_OF_MEMORY = (
+  (
+    "temp_bytes",
+    re.compile(
+      r"memory required for (?:HLO )?temporaries \("
+      + _SIZE
+      + r"\) exceeds available HBM \("
+      + _SIZE
+      + r"\)"
+    ),
+  ),
+  ("total_bytes", re.compile(r"Used " + _SIZE + " of " + _SIZE + " hbm")),
+)
+
+
+def _bytes(number: str, unit: str | None) -> float:
+  return float(number) * _UNITS[(unit or "").rstrip("i")]
+
+
+def parse_out_of_memory(message: str) -> dict | None:
+  """XLA's out-of-memory compile error -> what it says one device needs and has, or None.
+
+  Returns:
+    {"required_bytes", "hbm_bytes" (what XLA counts as available), and "temp_bytes" or
+    "total_bytes" (what the required figure covers)}, or None for any other error.
+  """
+  if "RESOURCE_EXHAUSTED" not in message and "Ran out of memory" not in message:
+    return None
+  for covers, pattern in _OUT_OF_MEMORY:
+    found = pattern.search(message)
+    if found:
+      required = _bytes(found.group(1), found.group(2))
+      return {
+        "required_bytes": required,
+        "hbm_bytes": _bytes(found.group(3), found.group(4)),
+        covers: required,
+      }
+  return None
+
+
+def _does_not_fit_report(setup: dict, compile_seconds: float, shortfall: dict, message: str):
+  """The report of a step XLA refused to compile for want of memory: no program, so no FLOPs
+  or step-time estimate (None); per device, the figures the error states."""
+  return {
+    **setup,
+    "fits": False,
+    "compile_seconds": compile_seconds,
+    "flops_per_step": None,
+    "collective_bytes": None,
+    "collective_bytes_by_kind": {},
+    "est_step_seconds": None,
+    "est_compute_seconds": None,
+    "est_collective_seconds": None,
+    "est_mfu": None,
+    "est_samples_per_second": None,
+    "hlo_over_analytic_flops": None,
+    "xla_cost_analysis_flops": None,
+    "unknown_trip_counts": None,
+    "xla_error": message.strip().splitlines()[0][:500],
+    "per_device": {**shortfall, "fits": False, "flops": None},
   }
 
 
@@ -273,6 +447,18 @@ def format_table(report: dict) -> str:
     ),
     ("batch", f"{report['batch']} x {report['length']} tokens, {report['images']} images"),
     ("compile", f"{report['compile_seconds']:.1f} s"),
+  ]
+  if d["flops"] is None:  # XLA refused: out of memory
+    covers = "temporaries" if "temp_bytes" in d else "program"
+    rows += [
+      (
+        f"per device: {covers} / HBM",
+        f"{g(d['required_bytes'])} / {g(d['hbm_bytes'])}  DOES NOT FIT",
+      ),
+      ("XLA", report["xla_error"]),
+    ]
+    return _table(rows)
+  rows += [
     ("per device: arguments", g(d["argument_bytes"])),
     ("per device: outputs", f"{g(d['output_bytes'])} ({g(d['alias_bytes'])} donated)"),
     ("per device: temporaries", g(d["temp_bytes"])),
@@ -281,7 +467,11 @@ def format_table(report: dict) -> str:
       f"{g(d['total_bytes'])} / {g(d['hbm_bytes'])}" + ("" if d["fits"] else "  DOES NOT FIT"),
     ),
     ("per device: FLOPs / step", f"{d['flops']:.3e}"),
-    ("slice: FLOPs / step", f"{report['flops_per_step']:.3e}"),
+    (
+      "slice: FLOPs / step",
+      f"{report['flops_per_step']:.3e} ({report['hlo_over_analytic_flops']:.2f}x the analytic"
+      f" {report['analytic_flops']['total']:.3e})",
+    ),
     ("slice: collective bytes", f"{report['collective_bytes']:.3e}"),
     (
       "est. step time",
@@ -291,6 +481,10 @@ def format_table(report: dict) -> str:
     ("est. MFU", f"{100 * report['est_mfu']:.1f} %"),
     ("est. samples / s", f"{report['est_samples_per_second']:.4g}"),
   ]
+  return _table(rows)
+
+
+def _table(rows) -> str:
   width = max(len(k) for k, _ in rows)
   return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -306,6 +500,7 @@ def main(argv):
     batch=FLAGS.batch,
     parallel=FLAGS.parallel_samples,
     remat=FLAGS.remat,
+    hlo_path=FLAGS.hlo_out,
   )
   if FLAGS.json:
     json.dump(report, sys.stdout)

@@ -44,6 +44,18 @@ class DecoderConfig:
     mrope_section: multimodal RoPE (Qwen2.5-VL): how many of the head_dim/2 rotary frequencies
       follow each position axis, in the order temporal, height, width (e.g. (16, 24, 24)); the
       decoder then also accepts positions `[B, 3, T]`. None: plain RoPE.
+    attention_query_block: when > 0 and shorter than the sequence, attention runs over blocks
+      of this many queries one after the other, each block's probabilities recomputed in the
+      backward pass: at most one block's `[H, block, S]` probabilities live at once instead of
+      every head's whole `[H, T, S]` (the results are the unblocked ones). 0: one block.
+    fused_attention: layers that return no map call `jax.nn.dot_product_attention` (cuDNN or
+      Pallas kernels where present) instead of the softmax attention of `layers.attention`.
+    scan_layers: without a cache, each run of consecutive layers that hand back the same kinds
+      of signal is one `lax.scan` (`layers.run_blocks`): compile time stops growing with depth.
+      The parameters keep their per-layer layout (stacked per call, a transient copy).
+    layer_remat: without a cache, what each layer keeps for its backward pass
+      (`layers.REMAT_POLICIES`: "none", "dots", "full"). In an InternVL both switches also
+      apply to the vision tower's blocks.
   """
 
   vocab_size: int
@@ -59,10 +71,19 @@ class DecoderConfig:
   tie_word_embeddings: bool = False
   max_position_embeddings: int = 32768
   mrope_section: tuple[int, ...] | None = None
+  attention_query_block: int = 0
+  fused_attention: bool = False
+  scan_layers: bool = False
+  layer_remat: str = "none"
 
   @property
   def resolved_head_dim(self) -> int:
     return self.head_dim or self.hidden_size // self.num_heads
+
+
+# `DecoderConfig` fields that change how a model computes, not its parameters or results: a
+# checkpoint's model takes them from a run's `text_overrides` (`train.experiment.build_model`).
+EXECUTION_FIELDS = ("attention_query_block", "fused_attention", "scan_layers", "layer_remat")
 
 
 @dataclasses.dataclass(frozen=True)

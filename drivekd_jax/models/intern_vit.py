@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from drivekd_jax.models.config import VisionConfig, as_dtype
-from drivekd_jax.models.layers import Linear, RMSNorm, attention, dense, param
+from drivekd_jax.models.layers import Linear, RMSNorm, attention, dense, param, run_blocks
 
 
 def torch_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
@@ -247,13 +247,22 @@ class InternViT(nnx.Module):
       ]
     )
 
-  def __call__(self, pixel_values: jax.Array, *, select_layer: int = -1) -> jax.Array:
+  def __call__(
+    self,
+    pixel_values: jax.Array,
+    *,
+    select_layer: int = -1,
+    scan: bool = False,
+    remat: str = "none",
+  ) -> jax.Array:
     """Encodes images.
 
     Args:
       pixel_values: `[N, H, W, C]` normalised images; H and W multiples of the patch size.
       select_layer: which hidden state to return, indexed like the reference's
         `hidden_states` tuple (0: embeddings, -1: last block). Only the needed blocks run.
+      scan, remat: the blocks as one `lax.scan`, each block rematerialised under a
+        `layers.REMAT_POLICIES` name (`layers.run_blocks`).
 
     Returns:
       `[N, 1 + (H/p)*(W/p), D]` hidden states, CLS first.
@@ -273,6 +282,11 @@ class InternViT(nnx.Module):
         f"image size {tuple(pixel_values.shape[1:3])} is not a multiple of the patch size {patch}"
       )
     hidden = self.embeddings(pixel_values)
+    if depth and (scan or remat != "none"):
+      hidden, _ = run_blocks(
+        self.layers[:depth], hidden, lambda block, x: (block(x), None), scan=scan, remat=remat
+      )
+      return hidden
     for block in self.layers[:depth]:
       hidden = block(hidden)
     return hidden

@@ -136,7 +136,13 @@ class InternVL(nnx.Module):
 
     T = (H/p * r) * (W/p * r), 256 for 448 px tiles.
     """
-    hidden = self.vision_model(pixel_values, select_layer=self.config.vision_select_layer)
+    # The tower follows the decoder's scan and remat switches (one pair per model).
+    hidden = self.vision_model(
+      pixel_values,
+      select_layer=self.config.vision_select_layer,
+      scan=self.config.text.scan_layers,
+      remat=self.config.text.layer_remat,
+    )
     n, _, width = hidden.shape
     patch = self.config.vision.patch_size
     grid_h, grid_w = pixel_values.shape[1] // patch, pixel_values.shape[2] // patch

@@ -200,6 +200,8 @@ def attention(
   allowed: jax.Array,
   *,
   want_map: bool = False,
+  query_block: int = 0,
+  fused: bool = False,
 ) -> tuple[jax.Array, jax.Array | None]:
   """Grouped-query softmax attention.
 
@@ -207,13 +209,73 @@ def attention(
     q: queries `[B, T, H, Dh]` (already rotated).
     k: keys `[B, K, S, Dh]` (head-major, the cache layout) with `H % K == 0`, already rotated.
     v: values `[B, K, S, Dh]`.
-    allowed: bool `[B, T, S]`, True where query t may attend key s.
+    allowed: bool `[B, T, S]` (or `[B, 1, S]`, the same for every query), True where query t may
+      attend key s.
     want_map: also return the head-averaged probabilities.
+    query_block: > 0: queries in blocks of this many, one block at a time, each block's
+      probabilities recomputed in the backward pass (`blocked_attention`).
+    fused: without a map, `jax.nn.dot_product_attention` (`fused_attention`).
 
   Returns:
     `(out [B, T, H, Dh] in q's dtype, map fp32 [B, T, S] or None)`. Scores and softmax are fp32;
     the probabilities are cast to v's dtype for the weighted sum, as in the reference eager path.
   """
+  if fused and not want_map:
+    return fused_attention(q, k, v, allowed), None
+  if 0 < query_block < q.shape[1]:
+    return blocked_attention(q, k, v, allowed, want_map=want_map, query_block=query_block)
+  return _softmax_attention(q, k, v, allowed, want_map)
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
+  """`attention` without a map through `jax.nn.dot_product_attention` (same arguments, `out`
+  `[B, T, H, Dh]`): the library picks a fused kernel (cuDNN, Pallas) where one is present."""
+  mask = allowed[:, None, :, :]  # [B, 1, T, S], shared by the heads
+  to_token_major = lambda x: x.transpose(0, 2, 1, 3)  # [B, K, S, Dh] -> [B, S, K, Dh]
+  k, v = to_token_major(k).astype(q.dtype), to_token_major(v).astype(q.dtype)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask).astype(q.dtype)
+
+
+def blocked_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  allowed: jax.Array,
+  *,
+  want_map: bool,
+  query_block: int,
+) -> tuple[jax.Array, jax.Array | None]:
+  """`attention` over blocks of `query_block` queries in a loop (same arguments and results).
+
+  Each block holds its own `[B, H, block, S]` probabilities only; under `jax.checkpoint` the
+  backward pass recomputes them block by block from the block's queries and the keys, so
+  neither pass keeps every head's whole `[T, S]` map. Queries are padded to whole blocks with
+  rows that attend nothing, dropped afterwards.
+  """
+  batch, length, num_heads, head_dim = q.shape
+  blocks = -(-length // query_block)
+  pad = blocks * query_block - length
+  q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  per_query = allowed.shape[1] != 1
+  if per_query:
+    allowed = jnp.pad(allowed, ((0, 0), (0, pad), (0, 0)))
+    allowed = allowed.reshape(batch, blocks, query_block, -1).swapaxes(0, 1)
+  q = q.reshape(batch, blocks, query_block, num_heads, head_dim).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def one_block(xs):
+    q_block, allowed_block = xs if per_query else (xs, allowed)
+    return _softmax_attention(q_block, k, v, allowed_block, want_map)
+
+  out, head_mean = jax.lax.map(one_block, (q, allowed) if per_query else q)
+  unblock = lambda x: x.swapaxes(0, 1).reshape(batch, blocks * query_block, *x.shape[3:])[
+    :, :length
+  ]
+  return unblock(out), None if head_mean is None else unblock(head_mean)
+
+
+def _softmax_attention(q, k, v, allowed, want_map):
+  """The whole of `attention` in one piece (every head's `[T, S]` probabilities at once)."""
   batch, length, num_heads, head_dim = q.shape
   num_kv_heads = k.shape[1]
   groups = num_heads // num_kv_heads
@@ -258,6 +320,55 @@ def _softmax_bwd(probs, d_probs):
 
 
 softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
+
+# What a rematerialised block keeps from its forward pass for its backward (`jax.checkpoint`
+# policies; "none": no rematerialisation, everything is kept). "dots": the products of
+# activations with weights (no batch dimensions), so attention probabilities, norms and
+# activations are recomputed; "full": nothing but the block's input.
+REMAT_POLICIES = {
+  "none": None,
+  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def run_blocks(blocks, x, apply, *, scan: bool = False, remat: str = "none"):
+  """Runs identical blocks one after another: `x, y_i = apply(blocks[i], x)`.
+
+  Args:
+    blocks: modules with one structure (graph) each, e.g. a run of decoder layers.
+    x: the first block's input (a pytree).
+    apply: `(block, x) -> (x, y)`; `y` a pytree (or None) of per-block outputs.
+    scan: one `lax.scan` over the blocks' parameters stacked on a new leading axis, so the
+      program holds one block whatever their number (compile time does not grow with depth; the
+      stacked copy of the parameters costs their size once more). False: a Python loop.
+    remat: a `REMAT_POLICIES` name applied to each block.
+
+  Returns:
+    `(x, ys)`: the last output and the list of every block's `y`, in order.
+  """
+  blocks = list(blocks)
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat={remat!r}: expected one of {tuple(REMAT_POLICIES)}")
+  graphdef = nnx.graphdef(blocks[0])
+  if any(nnx.graphdef(b) != graphdef for b in blocks[1:]):
+    raise ValueError("run_blocks needs blocks of one structure")
+
+  def body(x, state):
+    return apply(nnx.merge(graphdef, state), x)
+
+  if remat != "none":
+    body = jax.checkpoint(body, policy=REMAT_POLICIES[remat])
+  if scan and len(blocks) > 1:
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *(nnx.state(b) for b in blocks))
+    x, ys = jax.lax.scan(body, x, stacked)
+    return x, [jax.tree.map(lambda y, i=i: y[i], ys) for i in range(len(blocks))]
+  ys = []
+  for block in blocks:
+    x, y = body(x, nnx.state(block)) if remat != "none" else apply(block, x)
+    ys.append(y)
+  return x, ys
 
 
 def gather_key_columns(maps: jax.Array, key_positions: jax.Array) -> jax.Array:

@@ -40,6 +40,7 @@ from drivekd_jax.models.layers import (
   dense,
   gather_key_columns,
   rope_tables,
+  run_blocks,
 )
 
 NO_MAPS = MapRequest()
@@ -165,6 +166,8 @@ class Attention(nnx.Module):
     self.num_heads = config.num_heads
     self.num_kv_heads = config.num_kv_heads
     self.head_dim = config.resolved_head_dim
+    self.query_block = config.attention_query_block
+    self.fused = config.fused_attention
     width = config.hidden_size
     common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.q_proj = Linear(
@@ -219,7 +222,9 @@ class Attention(nnx.Module):
       v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
       new_kv = (k, v)
       k, v = k.astype(q.dtype), v.astype(q.dtype)
-    out, head_mean = attention(q, k, v, allowed, want_map=want_map)
+    out, head_mean = attention(
+      q, k, v, allowed, want_map=want_map, query_block=self.query_block, fused=self.fused
+    )
     return self.o_proj(out.reshape(batch, length, -1)), new_kv, head_mean
 
 
@@ -452,6 +457,8 @@ class Decoder(nnx.Module):
     request = maps.resolve(self.config.num_layers)
     if request.text_to_image_layers and image_key_positions is None:
       raise ValueError("text_to_image maps were requested without image_key_positions")
+    if cache is None and (self.config.scan_layers or self.config.layer_remat != "none"):
+      return self._run_layer_runs(x, ctx, layers, request, image_key_positions)
     full_maps, t2i_maps, hidden_states = {}, {}, {}
     new_k, new_v = [], []
     for i in layers:
@@ -476,4 +483,45 @@ class Decoder(nnx.Module):
       hidden_states=hidden_states,
       cache_k=tuple(new_k),
       cache_v=tuple(new_v),
+    )
+
+  def _run_layer_runs(self, x, ctx, layers, request, image_key_positions) -> LayerRun:
+    """`run_layers` without a cache through `layers.run_blocks`: consecutive layers that hand
+    back the same kinds of signal form one run (one scan under `config.scan_layers`), each
+    layer rematerialised under `config.layer_remat`."""
+    kinds = lambda i: (
+      i in request.full_layers or i in request.text_to_image_layers,
+      i in request.hidden_layers,
+    )
+    layers = list(layers)
+    runs = [[layers[0]]] if layers else []
+    for i in layers[1:]:
+      if kinds(i) == kinds(runs[-1][-1]):
+        runs[-1].append(i)
+      else:
+        runs.append([i])
+    full_maps, t2i_maps, hidden_states = {}, {}, {}
+    for run in runs:
+      want_map, want_hidden = kinds(run[0])
+
+      def apply(layer, x, want_map=want_map, want_hidden=want_hidden):
+        x, _, head_mean = layer(x, ctx.cos, ctx.sin, ctx.allowed, None, None, want_map)
+        return x, (head_mean, x if want_hidden else None)
+
+      x, outputs = run_blocks(
+        [self.layers[i] for i in run],
+        x,
+        apply,
+        scan=self.config.scan_layers,
+        remat=self.config.layer_remat,
+      )
+      for i, (head_mean, hidden) in zip(run, outputs):
+        if i in request.full_layers:
+          full_maps[i] = head_mean
+        if i in request.text_to_image_layers:
+          t2i_maps[i] = gather_key_columns(head_mean, image_key_positions)
+        if i in request.hidden_layers:
+          hidden_states[i] = hidden
+    return LayerRun(
+      hidden=x, full_maps=full_maps, text_to_image_maps=t2i_maps, hidden_states=hidden_states
     )

@@ -32,7 +32,7 @@ from drivekd_jax.data.qwen25_vl_processor import smart_resize
 from drivekd_jax.data.tokenizer import Tokenizer, check_same_tokenizer
 from drivekd_jax.distill.signals import DistillConfig
 from drivekd_jax.models import from_pretrained, presets
-from drivekd_jax.models.config import InternVLConfig
+from drivekd_jax.models.config import EXECUTION_FIELDS, InternVLConfig
 from drivekd_jax.models.internvl import InternVL
 from drivekd_jax.models.qwen25_vl import Qwen25VL, Qwen25VLConfig, check_same_image_tokens
 from drivekd_jax.train import checkpoint as ckpt_lib
@@ -125,11 +125,24 @@ def build_model(entry: ModelEntry, tokenizer: Tokenizer, mesh, rules, seed: int)
       # Qwen2.5-VL checkpoints carry their `<|image_pad|>` id; `processor_for` checks it.
       image_token_id=tokenizer.img_context_id if family == "internvl" else None,
     )
+    options = {k: v for k, v in entry.text_overrides.items() if k in EXECUTION_FIELDS}
+    if options:
+      model = with_execution_options(model, options)
     return model, model.config
   cfg = model_config(entry, tokenizer)
   network = Qwen25VL if family == "qwen2.5-vl" else InternVL
   model, _ = sharding_lib.create_sharded(lambda: network(cfg, rngs=nnx.Rngs(seed)), mesh, rules)
   return model, cfg
+
+
+def with_execution_options(model: nnx.Module, options: dict) -> nnx.Module:
+  """The model (InternVL or Qwen25VL) rebuilt around its own parameters with decoder fields of
+  `models.config.EXECUTION_FIELDS` replaced (how it computes: scans, remat, attention form)."""
+  config = model.config
+  config = dataclasses.replace(config, text=dataclasses.replace(config.text, **options))
+  rebuilt = nnx.eval_shape(lambda: type(model)(config, rngs=nnx.Rngs(0)))
+  nnx.update(rebuilt, nnx.state(model))
+  return rebuilt
 
 
 def restore_student(settings: RunSettings, student: nnx.Module, directory: str):

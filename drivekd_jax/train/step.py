@@ -48,6 +48,7 @@ from drivekd_jax.distill import losses
 from drivekd_jax.distill import signals as signals_lib
 from drivekd_jax.distill.reweight import Reweighter
 from drivekd_jax.models.config import InternVLConfig
+from drivekd_jax.models.layers import REMAT_POLICIES
 from drivekd_jax.models.qwen2 import DecoderOutput
 from drivekd_jax.train import optimizer as optimizer_lib
 from drivekd_jax.train import state as state_lib
@@ -55,16 +56,9 @@ from drivekd_jax.train.optimizer import tree_select
 
 LOSS_NAMES = ("sup",) + signals_lib.CAPABILITIES
 
-# What each student segment's pullbacks keep from its forward (`jax.checkpoint` policies); the
-# rest is recomputed by every loss row pulled back through the segment. "dots": the products
-# of activations with weights (no batch dimensions), so attention probabilities ([H, L, L] per
-# layer), norms and activations are recomputed; "full": nothing. The head (final norm, LM head,
-# CE over the vocabulary) keeps nothing under either.
-REMAT_POLICIES = {
-  "none": None,
-  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-  "full": jax.checkpoint_policies.nothing_saveable,
-}
+# What each student segment's pullbacks keep from its forward (`layers.REMAT_POLICIES`); the
+# rest is recomputed by every loss row pulled back through the segment. The head (final norm,
+# LM head, CE over the vocabulary) keeps nothing under either "dots" or "full".
 
 
 def reweighter_for(config: signals_lib.DistillConfig) -> Reweighter:
