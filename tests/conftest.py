@@ -9,8 +9,8 @@ if _FAKE_DEVICES not in os.environ.get("XLA_FLAGS", "").split():
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import jax
-import pytest
+import jax  # noqa: E402  (after XLA_FLAGS, which jax reads on import)
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
