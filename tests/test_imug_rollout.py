@@ -264,7 +264,6 @@ def test_demo_config_runs_end_to_end(tmp_path):
   config.data.num_samples = 4
   config.data.train_samples = 4
   config.model.train.steps = 2
-  config.model.train.max_length = 512
   config.model.tiny.chunk_buckets = (256,)
   config.rollout.progress = False
   config.tts.strategies = ("cot",)

@@ -90,17 +90,23 @@ CHIPS = {
 }
 
 FLAGS = flags.FLAGS
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Drive-KD config file.")
-flags.DEFINE_string("topology", "cpu", "cpu, or a TPU topology such as v5e:4x4, v5p:2x2x1.")
-flags.DEFINE_integer("length", 0, "Sequence length (0: the largest of data.buckets).")
-flags.DEFINE_integer("images", -1, "Images per sample (-1: data.max_images).")
-flags.DEFINE_integer("batch", 0, "Samples per step (0: data.batch_size).")
-flags.DEFINE_integer("parallel_samples", 0, "Samples at once over the data axis (0: auto).")
-flags.DEFINE_enum(
-  "remat", "none", tuple(step_lib.REMAT_POLICIES), "What the student's backward keeps."
-)
-flags.DEFINE_bool("json", False, "Print one JSON object.")
-flags.DEFINE_string("hlo_out", "", "Also write the compiled step's optimized HLO text here.")
+
+
+def define_flags() -> None:
+  """The command line's flags; defined only when run as a program, so that importing the
+  library next to another absl program (e.g. `launch.py`, which also has `--config`) is safe."""
+  config_flags.DEFINE_config_file("config", None, "Drive-KD config file.")
+  flags.DEFINE_string("topology", "cpu", "cpu, or a TPU topology such as v5e:4x4, v5p:2x2x1.")
+  flags.DEFINE_integer("length", 0, "Sequence length (0: the largest of data.buckets).")
+  flags.DEFINE_integer("images", -1, "Images per sample (-1: data.max_images).")
+  flags.DEFINE_integer("batch", 0, "Samples per step (0: data.batch_size).")
+  flags.DEFINE_integer("parallel_samples", 0, "Samples at once over the data axis (0: auto).")
+  flags.DEFINE_enum(
+    "remat", "none", tuple(step_lib.REMAT_POLICIES), "What the student's backward keeps."
+  )
+  flags.DEFINE_bool("json", False, "Print one JSON object.")
+  flags.DEFINE_string("hlo_out", "", "Also write the compiled step's optimized HLO text here.")
+  flags.mark_flag_as_required("config")
 
 
 def topology_devices(topology: str) -> list:
@@ -491,7 +497,7 @@ def _table(rows) -> str:
 
 def main(argv):
   del argv
-  settings = RunSettings.from_config(_CONFIG.value)
+  settings = RunSettings.from_config(FLAGS.config)
   report = plan(
     settings,
     FLAGS.topology,
@@ -510,5 +516,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("config")
+  define_flags()
   app.run(main)
