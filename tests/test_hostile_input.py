@@ -216,9 +216,15 @@ class CountingModel:
 
 
 @pytest.fixture
-def infer_server():
+def infer_server(request):
+  """Two workers and no backlog, so a third connection is refused (503). A test marked
+  `@pytest.mark.parametrize("infer_server", [backlog], indirect=True)` gets that backlog: the
+  connection of a request just answered may hold its slot for a moment after the reply."""
   model = CountingModel()
-  server = make_server(model, read_timeout_s=0.5, workers=2, backlog=0, max_request_bytes=1 << 20)
+  backlog = getattr(request, "param", 0)
+  server = make_server(
+    model, read_timeout_s=0.5, workers=2, backlog=backlog, max_request_bytes=1 << 20
+  )
   threading.Thread(target=server.serve_forever, daemon=True).start()
   yield server.server_address[1], model
   server.shutdown()
@@ -258,6 +264,7 @@ def _body(history, mode="text_only") -> bytes:
   return json.dumps({"history": history, "output_mode": mode}).encode()
 
 
+@pytest.mark.parametrize("infer_server", [16], indirect=True)
 def test_malformed_bodies_all_get_a_4xx_json_reply(infer_server):
   port, model = infer_server
   good = _body([protocol.message("user", [protocol.text_item("hi")])])
