@@ -470,12 +470,9 @@ class Decoder(nnx.Module):
       if layer_kv is not None:
         new_k.append(layer_kv[0])
         new_v.append(layer_kv[1])
-      if i in request.full_layers:
-        full_maps[i] = head_mean
-      if i in request.text_to_image_layers:
-        t2i_maps[i] = gather_key_columns(head_mean, image_key_positions)
-      if i in request.hidden_layers:
-        hidden_states[i] = x
+      _keep_signals(
+        (full_maps, t2i_maps, hidden_states), i, head_mean, x, request, image_key_positions
+      )
     return LayerRun(
       hidden=x,
       full_maps=full_maps,
@@ -516,12 +513,21 @@ class Decoder(nnx.Module):
         remat=self.config.layer_remat,
       )
       for i, (head_mean, hidden) in zip(run, outputs):
-        if i in request.full_layers:
-          full_maps[i] = head_mean
-        if i in request.text_to_image_layers:
-          t2i_maps[i] = gather_key_columns(head_mean, image_key_positions)
-        if i in request.hidden_layers:
-          hidden_states[i] = hidden
+        _keep_signals(
+          (full_maps, t2i_maps, hidden_states), i, head_mean, hidden, request, image_key_positions
+        )
     return LayerRun(
       hidden=x, full_maps=full_maps, text_to_image_maps=t2i_maps, hidden_states=hidden_states
     )
+
+
+def _keep_signals(signals, i, head_mean, hidden, request, image_key_positions) -> None:
+  """Stores layer `i`'s requested signals into `signals` = (full maps, text-to-image maps,
+  hidden states), dicts keyed by layer: the one bookkeeping of the looped and scanned paths."""
+  full_maps, t2i_maps, hidden_states = signals
+  if i in request.full_layers:
+    full_maps[i] = head_mean
+  if i in request.text_to_image_layers:
+    t2i_maps[i] = gather_key_columns(head_mean, image_key_positions)
+  if i in request.hidden_layers:
+    hidden_states[i] = hidden
