@@ -14,11 +14,15 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.ad_checkpoint import print_saved_residuals
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from drivekd_jax.bench import hlo_stats
 from drivekd_jax.models import layers, presets
 from drivekd_jax.models.config import EXECUTION_FIELDS, DecoderConfig, MapRequest
 from drivekd_jax.models.internvl import InternVL
 from drivekd_jax.models.qwen2 import Decoder
+from drivekd_jax.train import sharding as sharding_lib
 
 
 def _inputs(length=13, heads=6, kv_heads=2, head_dim=8, batch=2, seed=0, dtype=jnp.float32):
@@ -237,6 +241,50 @@ def test_rematerialised_layers_keep_less_for_the_backward_pass():
   assert kept_bytes("none") > probabilities
   assert kept_bytes("full") < probabilities / 4
   assert kept_bytes("dots") < kept_bytes("none") - probabilities
+
+
+def test_query_blocks_split_a_sharded_sequence_in_place():
+  """With the queries split over 8 devices in contiguous ranges (sequence sharding), the strided
+  blocks give every device its own share of each block: the blocked attention, its map included,
+  runs without moving any data between devices (keys and values are whole on each)."""
+  mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
+  place = sharding_lib.activation_placement(mesh, sharding_lib.rules_from_config())
+  by_query = NamedSharding(mesh, P(None, "fsdp"))
+  whole = NamedSharding(mesh, P())
+  q, k, v, allowed = _inputs(length=128, heads=4, kv_heads=2, head_dim=16, batch=1)
+
+  def blocked(q, k, v, allowed):
+    with layers.activation_sharding(place):
+      return layers.attention(q, k, v, allowed, want_map=True, query_block=32)
+
+  step = jax.jit(
+    blocked, in_shardings=(by_query, whole, whole, by_query), out_shardings=(by_query, by_query)
+  )
+  compiled = step.lower(q, k, v, allowed).compile()
+  assert hlo_stats.analyze(compiled.as_text()).collective_bytes == 0
+  out, head_mean = step(q, k, v, allowed)
+  np.testing.assert_allclose(head_mean, _numpy_head_mean(q, k, allowed), rtol=1e-5, atol=1e-6)
+  want, _ = layers.attention(q, k, v, allowed)
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+
+
+def test_dots_remat_recomputes_attention_only():
+  """Under "dots" the backward pass keeps the layers' weight products (`layers.dense`, a custom-VJP
+  call no dot policy sees) and recomputes the attention products alone; "full" also redoes the
+  weight products."""
+  length, num_layers, heads, head_dim = 64, 3, 4, 8
+
+  def flops(remat):
+    graphdef, params = nnx.split(_decoder(num_layers=num_layers, layer_remat=remat))
+    ids = jax.ShapeDtypeStruct((1, length), jnp.int32)
+    loss = lambda p, ids: jnp.sum(nnx.merge(graphdef, p)(ids).logits ** 2)
+    compiled = jax.jit(jax.grad(loss)).lower(params, ids).compile()
+    return hlo_stats.analyze(compiled.as_text()).flops
+
+  attention_products = num_layers * 2 * (2 * length * length * heads * head_dim)  # QK^T and PV
+  none, dots, full = flops("none"), flops("dots"), flops("full")
+  assert 0 < dots - none <= attention_products
+  assert full - dots >= attention_products
 
 
 @pytest.mark.slow

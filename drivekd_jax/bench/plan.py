@@ -216,7 +216,7 @@ def plan(
   micro_steps = settings.num_steps * batch // distill.microbatch_size
   tx, _ = build_distill_optimizer(optimizer, micro_steps, step_lib.gradient_combiner(distill))
   d = assemble_distillation(
-    distill, student, teachers, tx, jax.random.key(settings.seed), mesh, parallel, remat
+    distill, student, teachers, tx, jax.random.key(settings.seed), mesh, parallel, remat, rules
   )
   batch_sds = abstract_batch(settings, student_cfg, mesh, rules, batch, length, images)
   jitted = step_lib.jit_train_step(

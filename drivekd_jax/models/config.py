@@ -7,6 +7,8 @@ Logical axis names used on parameters and caches (mapped to mesh axes by the rul
   vision:   "vit_embed", "vit_mlp", "vit_qkv", "vit_heads", "vit_pos", "patch", "channels", "norm"
   projector:"proj_in", "embed"
   caches:   "cache_layers", "cache_batch", "cache_seq", "cache_kv_heads", "head_dim"
+  activations (`layers.constrain`): "batch", "activation_length", "activation_embed",
+            "q_heads"
 """
 
 from __future__ import annotations

@@ -7,22 +7,57 @@ them (`jax.eval_shape` -> `nnx.get_partition_spec` -> `jax.jit(init, out_shardin
 
 Attention is one function, `attention`, used by every layer. It returns the head-averaged
 probability map only when the caller asks for it, so layers that are not asked for never build one.
+
+Activations name their axes the same way (`constrain`): a caller that owns a mesh (the train
+step) installs a placement with `activation_sharding`, and the models pin their hidden states to
+it at block boundaries; without one, `constrain` does nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 LogicalAxes = tuple[str | None, ...]
 
 # A finite "minus infinity": a query row whose keys are all masked (a padding query with nothing
 # before it) then gets a uniform distribution instead of NaNs.
 _MASK_VALUE = float(jnp.finfo(jnp.float32).min)
+
+
+# (shape, logical axes) -> a sharding for an activation, or None to leave it to the compiler.
+Placement = Callable[[tuple[int, ...], LogicalAxes], "jax.sharding.Sharding | None"]
+_PLACEMENT: contextvars.ContextVar[Placement | None] = contextvars.ContextVar(
+  "activation_placement", default=None
+)
+
+
+@contextlib.contextmanager
+def activation_sharding(placement: Placement | None) -> Iterator[None]:
+  """Within the block, `constrain` pins activations where `placement` says (while tracing)."""
+  token = _PLACEMENT.set(placement)
+  try:
+    yield
+  finally:
+    _PLACEMENT.reset(token)
+
+
+def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
+  """`x` with a sharding constraint from the installed placement (`activation_sharding`), by its
+  logical axes; unchanged when none is installed or the placement gives None."""
+  placement = _PLACEMENT.get()
+  if placement is None:
+    return x
+  sharding = placement(tuple(x.shape), axes)
+  return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
 def param(value: jax.Array, axes: LogicalAxes) -> nnx.Param:
@@ -32,20 +67,26 @@ def param(value: jax.Array, axes: LogicalAxes) -> nnx.Param:
   return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def dense(x: jax.Array, kernel: jax.Array, out_dtype: jnp.dtype | None = None) -> jax.Array:
   """`x @ kernel`, `[..., in] x [in, out] -> [..., out]` (in `out_dtype` when given).
 
   The gradients are the usual ones; only how the kernel gradient is computed differs from
   `jnp.dot`'s: it contracts the token axis, the leading axis of both operands, a form XLA:CPU runs
   on a slower matmul path than a plain product, so on CPU the activations are transposed in
-  memory first (the gain is measured in `docs/benchmarks.md` §4).
+  memory first (the gain is measured in `docs/benchmarks.md` §4). The product is named "dense"
+  for rematerialisation policies (`REMAT_POLICIES["dots"]` keeps it): being a custom-VJP call,
+  it is not a `dot_general` that a dot policy would see.
   """
+  return checkpoint_name(_dense(x, kernel, out_dtype), "dense")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dense(x: jax.Array, kernel: jax.Array, out_dtype: jnp.dtype | None) -> jax.Array:
   return jnp.dot(x, kernel, preferred_element_type=out_dtype)
 
 
 def _dense_fwd(x, kernel, out_dtype):
-  return dense(x, kernel, out_dtype), (x, kernel)
+  return _dense(x, kernel, out_dtype), (x, kernel)
 
 
 def _dense_bwd(out_dtype, residuals, d_y):
@@ -65,7 +106,7 @@ def _dense_bwd(out_dtype, residuals, d_y):
   return d_x.astype(x.dtype), d_kernel.astype(kernel.dtype)
 
 
-dense.defvjp(_dense_fwd, _dense_bwd)
+_dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 class Linear(nnx.Module):
@@ -250,17 +291,22 @@ def blocked_attention(
   Each block holds its own `[B, H, block, S]` probabilities only; under `jax.checkpoint` the
   backward pass recomputes them block by block from the block's queries and the keys, so
   neither pass keeps every head's whole `[T, S]` map. Queries are padded to whole blocks with
-  rows that attend nothing, dropped afterwards.
+  rows that attend nothing, dropped afterwards. Blocks are strided (block b holds queries b,
+  b + blocks, b + 2 blocks, ...): each query's result does not depend on its company, and a
+  query axis split over devices in contiguous ranges then splits every block the same way
+  without moving data, so under sequence sharding each device runs its own share of each block.
   """
   batch, length, num_heads, head_dim = q.shape
   blocks = -(-length // query_block)
   pad = blocks * query_block - length
+  # [B, blocks * block, ...] -> [blocks, B, block, ...], query j * blocks + b at [b, :, j].
+  to_blocks = lambda x: jnp.moveaxis(x.reshape(batch, query_block, blocks, *x.shape[2:]), 2, 0)
   q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
   per_query = allowed.shape[1] != 1
   if per_query:
-    allowed = jnp.pad(allowed, ((0, 0), (0, pad), (0, 0)))
-    allowed = allowed.reshape(batch, blocks, query_block, -1).swapaxes(0, 1)
-  q = q.reshape(batch, blocks, query_block, num_heads, head_dim).swapaxes(0, 1)
+    allowed = to_blocks(jnp.pad(allowed, ((0, 0), (0, pad), (0, 0))))
+    allowed = constrain(allowed, (None, "batch", "activation_length", None))
+  q = constrain(to_blocks(q), (None, "batch", "activation_length", "q_heads", None))
 
   @jax.checkpoint
   def one_block(xs):
@@ -268,7 +314,7 @@ def blocked_attention(
     return _softmax_attention(q_block, k, v, allowed_block, want_map)
 
   out, head_mean = jax.lax.map(one_block, (q, allowed) if per_query else q)
-  unblock = lambda x: x.swapaxes(0, 1).reshape(batch, blocks * query_block, *x.shape[3:])[
+  unblock = lambda x: jnp.moveaxis(x, 0, 2).reshape(batch, blocks * query_block, *x.shape[3:])[
     :, :length
   ]
   return unblock(out), None if head_mean is None else unblock(head_mean)
@@ -324,11 +370,15 @@ softmax.defvjp(_softmax_fwd, _softmax_bwd)
 
 # What a rematerialised block keeps from its forward pass for its backward (`jax.checkpoint`
 # policies; "none": no rematerialisation, everything is kept). "dots": the products of
-# activations with weights (no batch dimensions), so attention probabilities, norms and
-# activations are recomputed; "full": nothing but the block's input.
+# activations with weights (`dense`, and any other product without batch dimensions), so
+# attention probabilities, norms and activations are recomputed; "full": nothing but the block's
+# input.
 REMAT_POLICIES = {
   "none": None,
-  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "dots": jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    jax.checkpoint_policies.save_only_these_names("dense"),
+  ),
   "full": jax.checkpoint_policies.nothing_saveable,
 }
 

@@ -37,6 +37,7 @@ from drivekd_jax.models.layers import (
   RMSNorm,
   apply_rope,
   attention,
+  constrain,
   dense,
   gather_key_columns,
   rope_tables,
@@ -253,6 +254,7 @@ class DecoderLayer(nnx.Module):
     self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x, cos, sin, allowed, kv, write_index, want_map):
+    x = constrain(x, ("batch", "activation_length", "activation_embed"))
     attn_out, new_kv, head_mean = self.self_attn(
       self.input_layernorm(x), cos, sin, allowed, kv, write_index, want_map
     )

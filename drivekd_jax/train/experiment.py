@@ -195,13 +195,15 @@ def assemble_distillation(
   mesh: jax.sharding.Mesh | None = None,
   parallel_samples: int = 1,
   remat: str = "none",
+  rules: sharding_lib.Rules | None = None,
 ) -> Distillation:
   """Splits the models, initialises the train state and builds the pure step.
 
   Models of `ShapeDtypeStruct`s (with shardings) give an abstract state: what `bench.plan`
   compiles the step from without weights. `parallel_samples` > 1 runs that many single-sample
   micro-steps at once, one per shard of the mesh's "data" axis; `remat` is what the student's
-  backward keeps (`step.REMAT_POLICIES`).
+  backward keeps (`step.REMAT_POLICIES`). With a mesh, the models' activations are placed by
+  `rules` (default: `sharding.DEFAULT_RULES`), e.g. the sequence over fsdp at micro-batch 1.
 
   With a mesh the models must already be sharded (`build_model`): the state is then initialised
   by one jitted program straight into the parameters' shardings (optimizer state alike, the
@@ -236,6 +238,11 @@ def assemble_distillation(
     parallel_samples=parallel_samples,
     mesh=mesh,
     remat=remat,
+    activation_placement=None
+    if mesh is None
+    else sharding_lib.activation_placement(
+      mesh, rules if rules is not None else sharding_lib.rules_from_config()
+    ),
   )
   return Distillation(
     graphdef,
@@ -391,7 +398,7 @@ def build_experiment(settings: RunSettings, workdir: str) -> Experiment:
     optimizer_settings, micro_steps, step_lib.gradient_combiner(distill)
   )
   distillation = assemble_distillation(
-    distill, student, teachers, tx, jax.random.key(settings.seed), mesh
+    distill, student, teachers, tx, jax.random.key(settings.seed), mesh, rules=rules
   )
   return Experiment(
     settings=settings,

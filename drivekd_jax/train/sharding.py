@@ -30,6 +30,11 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
   # activations and batches
   ("batch", ("data", "fsdp")),
   ("length", ()),
+  # Hidden states pinned inside the models (`layers.constrain`). With micro-batch 1 the batch
+  # axis cannot be split, and the sequence goes on fsdp instead (sequence parallelism): every
+  # device then computes its share of the tokens rather than all of them.
+  ("activation_length", ("fsdp",)),
+  ("activation_embed", ()),
   # decoder
   ("vocab", ("tensor",)),
   ("embed", ("fsdp",)),
@@ -161,6 +166,20 @@ def logical_to_spec(
     used.update(axes)
     spec.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
   return P(*spec)
+
+
+def activation_placement(mesh: jax.sharding.Mesh, rules: Rules) -> Callable:
+  """The placement `models.layers.activation_sharding` takes: activations by the rules table.
+
+  Gives None (no constraint) when the rules shard nothing, so a one-device mesh adds nothing to
+  the program.
+  """
+
+  def place(shape: tuple[int, ...], logical_names) -> NamedSharding | None:
+    spec = logical_to_spec(logical_names, shape, mesh, rules)
+    return NamedSharding(mesh, spec) if any(a is not None for a in spec) else None
+
+  return place
 
 
 def _variable_logical_names(variable: nnx.Variable) -> tuple[str | None, ...] | None:

@@ -47,6 +47,7 @@ from drivekd_jax.distill import agp as agp_lib
 from drivekd_jax.distill import losses
 from drivekd_jax.distill import signals as signals_lib
 from drivekd_jax.distill.reweight import Reweighter
+from drivekd_jax.models import layers as layers_lib
 from drivekd_jax.models.config import InternVLConfig
 from drivekd_jax.models.layers import REMAT_POLICIES
 from drivekd_jax.models.qwen2 import DecoderOutput
@@ -416,6 +417,7 @@ def make_train_step(
   parallel_samples: int = 1,
   mesh: jax.sharding.Mesh | None = None,
   remat: str = "none",
+  activation_placement: layers_lib.Placement | None = None,
 ) -> Callable[..., tuple[state_lib.TrainState, dict[str, jax.Array]]]:
   """Builds the pure Drive-KD step.
 
@@ -434,6 +436,9 @@ def make_train_step(
     mesh: with D > 1, the D samples of a group are placed one per shard of its "data" axis
       (whose size should be D).
     remat: what the student's backward keeps ("none", "dots", "full"; `REMAT_POLICIES`).
+    activation_placement: where the models pin their activations while the step is traced
+      (`models.layers.activation_sharding`; `sharding.activation_placement` of the mesh and
+      rules), or None to leave them to the compiler.
 
   Returns:
     `step(state, batch, rng, teacher_states) -> (state, metrics)`; `teacher_states` is a tuple
@@ -562,7 +567,9 @@ def make_train_step(
       )
       return vec, stacked, aux, _slot_sq_norms(stacked)
 
-    vec, stacked, (raw, mix_eff), sq_in = jax.vmap(gradients)(group)
+    # Constraints inside (the models' activations) keep the sample axis on "data".
+    spmd_axis = "data" if group_sharding is not None else None
+    vec, stacked, (raw, mix_eff), sq_in = jax.vmap(gradients, spmd_axis_name=spmd_axis)(group)
     active = mix_eff[:, 1:] > 0
     finite = jnp.all(jnp.isfinite(vec), axis=1) & jnp.all(jnp.isfinite(sq_in), axis=1)
     valid = jnp.any(group["example_mask"], axis=tuple(range(1, group["example_mask"].ndim)))
@@ -642,6 +649,10 @@ def make_train_step(
     return (params, opt_state, rw, skipped, in_row, frozen), out
 
   def step(state: state_lib.TrainState, batch, rng, teacher_states=()):
+    with layers_lib.activation_sharding(activation_placement):
+      return traced_step(state, batch, rng, teacher_states)
+
+  def traced_step(state, batch, rng, teacher_states):
     del rng  # Deterministic given the state: AGP draws its order from its own carried key.
     missing = [k for k in BATCH_KEYS if k not in batch]
     if missing:
