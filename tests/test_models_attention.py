@@ -310,6 +310,37 @@ def test_a_scanned_vision_tower_computes_the_same():
   jax.tree.map(close, got_grads["vision_model"], want_grads["vision_model"])
 
 
+def test_the_vision_towers_tokens_split_over_devices_unevenly():
+  """An InternViT's 65 tokens per image over 8 devices (the last shard padded by the compiler):
+  each device computes about its share of the tower's forward pass, and the features and
+  gradients are those of the unsharded tower."""
+  config = presets.internvl3("tiny")
+  config = dataclasses.replace(config, vision=dataclasses.replace(config.vision, image_size=112))
+  graphdef, params = nnx.split(InternVL(config, rngs=nnx.Rngs(0)))
+  pixels = jnp.asarray(np.random.default_rng(7).normal(size=(3, 112, 112, 3)), jnp.float32)
+  assert 1 + (112 // config.vision.patch_size) ** 2 == 65
+  mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
+  place = sharding_lib.activation_placement(mesh, sharding_lib.rules_from_config())
+
+  def run(placement):
+    def embed(p):
+      with layers.activation_sharding(placement):
+        return nnx.merge(graphdef, p).embed_images(pixels)
+
+    forward = jax.jit(embed)
+    devices = mesh.size if placement else 1
+    flops = hlo_stats.analyze(forward.lower(params).compile().as_text()).flops * devices
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(embed(p) ** 2)))(params)
+    return flops, forward(params), grads
+
+  whole_flops, want, want_grads = run(None)
+  split_flops, got, got_grads = run(place)
+  assert split_flops < 1.3 * whole_flops
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  jax.tree.map(close, got_grads["vision_model"], want_grads["vision_model"])
+
+
 def test_a_loaded_model_takes_the_execution_options_around_its_own_parameters():
   from drivekd_jax.train.experiment import with_execution_options
 

@@ -48,6 +48,24 @@ def test_logical_rules_use_each_mesh_axis_once_and_skip_indivisible_dims():
     sharding_lib.rules_from_config([("embed", "model")])
 
 
+def test_activation_placement_splits_unevenly_but_never_below_one_row_per_device():
+  mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+  rules = sharding_lib.rules_from_config()
+  P = jax.sharding.PartitionSpec
+  # Parameters keep to even splits; activations may leave the last shard short.
+  assert sharding_lib.logical_to_spec((None, "vit_tokens"), (6, 1025), mesh, rules) == P(None, None)
+  place = sharding_lib.activation_placement(mesh, rules)
+  assert place((6, 1025, 64), (None, "vit_tokens", "activation_embed")).spec == P(
+    None, "fsdp", None
+  )
+  # One sample over four devices: the batch stays whole and the sequence takes fsdp.
+  spec = place((1, 3072, 64), ("batch", "activation_length", "activation_embed")).spec
+  assert spec == P(None, "fsdp", None)
+  assert place((3, 2, 64), ("batch", "activation_length", "activation_embed")) is None
+  one = sharding_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+  assert sharding_lib.activation_placement(one, rules)((1, 3072, 64), ("batch",) * 3) is None
+
+
 def test_checkpoint_roundtrip_keeps_values_shardings_keys_and_data_state(tmp_path):
   mesh = sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp", "tensor"))

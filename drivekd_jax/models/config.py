@@ -8,7 +8,7 @@ Logical axis names used on parameters and caches (mapped to mesh axes by the rul
   projector:"proj_in", "embed"
   caches:   "cache_layers", "cache_batch", "cache_seq", "cache_kv_heads", "head_dim"
   activations (`layers.constrain`): "batch", "activation_length", "activation_embed",
-            "q_heads"
+            "q_heads", "vit_tokens"
 """
 
 from __future__ import annotations

@@ -21,7 +21,15 @@ import numpy as np
 from flax import nnx
 
 from drivekd_jax.models.config import VisionConfig, as_dtype
-from drivekd_jax.models.layers import Linear, RMSNorm, attention, dense, param, run_blocks
+from drivekd_jax.models.layers import (
+  Linear,
+  RMSNorm,
+  attention,
+  constrain,
+  dense,
+  param,
+  run_blocks,
+)
 
 
 def torch_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
@@ -222,6 +230,7 @@ class VisionBlock(nnx.Module):
     self.ls2 = param(jnp.full((width,), config.layer_scale_init, param_dtype), ("vit_embed",))
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    x = constrain(x, (None, "vit_tokens", "activation_embed"))
     x = x + self.ls1[...].astype(self.dtype) * self.attn(self.norm1(x))
     return x + self.ls2[...].astype(self.dtype) * self.mlp(self.norm2(x))
 

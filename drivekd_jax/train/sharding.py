@@ -35,6 +35,8 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
   # device then computes its share of the tokens rather than all of them.
   ("activation_length", ("fsdp",)),
   ("activation_embed", ()),
+  # The vision tower's tokens (1 + 32 x 32 = 1025 per image in InternVL3): split unevenly.
+  ("vit_tokens", ("fsdp",)),
   # decoder
   ("vocab", ("tensor",)),
   ("embed", ("fsdp",)),
@@ -132,6 +134,7 @@ def logical_to_spec(
   shape: Sequence[int],
   mesh: jax.sharding.Mesh,
   rules: Rules,
+  uneven: bool = False,
 ) -> P:
   """Maps logical axis names of one array to a PartitionSpec.
 
@@ -140,6 +143,9 @@ def logical_to_spec(
     shape: the array shape, used to drop mesh axes that do not divide a dimension.
     mesh: the device mesh.
     rules: logical name -> mesh axes.
+    uneven: split a dimension the mesh axes do not divide (the compiler pads the last shard)
+      when it has at least one element per shard; for activations inside a program only, not
+      for arrays that cross its boundary.
 
   Returns:
     A PartitionSpec with one entry per dimension.
@@ -160,7 +166,8 @@ def logical_to_spec(
     for axis in rules[name]:
       if axis in used or mesh.shape[axis] == 1:
         continue
-      if size % (math.prod(mesh.shape[a] for a in axes) * mesh.shape[axis]):
+      shards = math.prod(mesh.shape[a] for a in axes) * mesh.shape[axis]
+      if (size < shards) if uneven else (size % shards):
         continue
       axes.append(axis)
     used.update(axes)
@@ -169,14 +176,15 @@ def logical_to_spec(
 
 
 def activation_placement(mesh: jax.sharding.Mesh, rules: Rules) -> Callable:
-  """The placement `models.layers.activation_sharding` takes: activations by the rules table.
+  """The placement `models.layers.activation_sharding` takes: activations by the rules table,
+  uneven splits allowed (`logical_to_spec`), e.g. a vision tower's 1025 tokens over 4 devices.
 
   Gives None (no constraint) when the rules shard nothing, so a one-device mesh adds nothing to
   the program.
   """
 
   def place(shape: tuple[int, ...], logical_names) -> NamedSharding | None:
-    spec = logical_to_spec(logical_names, shape, mesh, rules)
+    spec = logical_to_spec(logical_names, shape, mesh, rules, uneven=True)
     return NamedSharding(mesh, spec) if any(a is not None for a in spec) else None
 
   return place
