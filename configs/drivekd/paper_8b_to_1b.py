@@ -30,16 +30,19 @@ in the paper's figure), one epoch. Per-capability teachers: set `teacher_names` 
 
 Hardware and cost: the 8B teacher in bf16 (~16 GB), the 1B student in fp32 with AdamW (~16 GB)
 and the attention maps (27 full L x L maps per sample at L ~ 2k: ~0.5 GB) fit one 80 GB GPU;
-the default mesh shards parameters over all devices (FSDP), batches are not split (micro-batch
-1). Both models run their layers as scans, each layer rematerialised, with attention (and its
-head-averaged maps) over blocks of 512 queries (`MEMORY_OPTIONS`; exact, they change memory and
-compile time only): `python -m drivekd_jax.bench.plan --config=<this file> --topology=v5e:4x4`
-compiles the step for a TPU slice and says whether it fits (docs/benchmarks.md §7).
+the default mesh shards parameters over all devices (FSDP); a sample cannot be split at
+micro-batch 1, so its tokens are (sequence sharding: the `activation_length` and `vit_tokens`
+rules). Both models run their layers as scans with attention (and its head-averaged maps) over
+blocks of 512 queries; the student's layers are rematerialised keeping their weight products
+(attention is recomputed), the frozen teacher's run forward only (`MEMORY_OPTIONS`,
+`STUDENT_OPTIONS`; exact, they change memory, FLOPs and compile time only):
+`python -m drivekd_jax.bench.plan --config=<this file> --topology=v5e:4x4` compiles the step for
+a TPU slice and says whether it fits (docs/benchmarks.md §7).
 At 3072 tokens and 6 images a sample is ~1.1e14 matmul FLOPs by the plan tool's hand count
-(teacher forward 4.5e13, student forward 8e12, the four loss rows' backward 5.4e13; per-layer
-remat adds its recomputation), i.e. roughly 0.3-0.4 s per sample on one H100 at 30-40% MFU; an
-epoch of ~20k samples is ~2 GPU-hours. Multi-host: add `--config.jax_distributed=True`
-(SLURM/TPU auto-detected).
+(teacher forward 4.5e13, student forward 8e12, the four loss rows' backward 5.4e13; the
+student's remat adds the attention's recomputation: 1.10x that on a v5p-8), i.e. roughly
+0.3-0.4 s per sample on one H100 at 30-40% MFU; an epoch of ~20k samples is ~2 GPU-hours.
+Multi-host: add `--config.jax_distributed=True` (SLURM/TPU auto-detected).
 """
 
 import ml_collections
@@ -49,6 +52,9 @@ from drivekd_jax.train.settings import default_config, teacher_config
 CAPABILITIES = ("perception", "reasoning", "planning")
 # Decoder fields that change how the models compute, not what (`models.config.EXECUTION_FIELDS`).
 MEMORY_OPTIONS = dict(attention_query_block=512, scan_layers=True, layer_remat="full")
+# The student's backward keeps each layer's weight products and recomputes its attention: on a
+# v5p-8 the step then does 1.10x the hand-counted FLOPs in 23 of 95 GiB per chip (§7.2).
+STUDENT_OPTIONS = dict(MEMORY_OPTIONS, layer_remat="dots")
 
 
 def get_config(arg: str = "multi") -> ml_collections.ConfigDict:
@@ -82,7 +88,7 @@ def get_config(arg: str = "multi") -> ml_collections.ConfigDict:
       checkpoint="models/InternVL3-1B",
       dtype="bfloat16",
       param_dtype="float32",
-      text_overrides=dict(MEMORY_OPTIONS),
+      text_overrides=dict(STUDENT_OPTIONS),
     )
   )
   c.data.tokenizer = c.student.get_ref("checkpoint")
