@@ -53,7 +53,7 @@ CAPABILITIES = ("perception", "reasoning", "planning")
 # Decoder fields that change how the models compute, not what (`models.config.EXECUTION_FIELDS`).
 MEMORY_OPTIONS = dict(attention_query_block=512, scan_layers=True, layer_remat="full")
 # The student's backward keeps each layer's weight products and recomputes its attention: on a
-# v5p-8 the step then does 1.10x the hand-counted FLOPs in 23 of 95 GiB per chip (§7.2).
+# v5p-8 the step then does 1.10x the hand-counted FLOPs, in 21.4 of 95 GiB per chip (§7.2).
 STUDENT_OPTIONS = dict(MEMORY_OPTIONS, layer_remat="dots")
 
 
