@@ -49,3 +49,7 @@ def test_distill_step_benchmark_prints_its_ratio():
   out = _run_module("drivekd_jax.bench.distill_step", "--steps=1", timeout=1800)
   for variant in ("official", "best"):
     assert re.search(rf"jax/torch-{variant}: throughput x\d+\.\d+", out), out
+  found = re.search(r"jax step: (\S+) matmul FLOPs \(HLO\) at \d+ GFLOP/s, (\d+)% of", out)
+  assert found, out
+  # The bench shapes' step: about 1.1e11 products (teacher and student forwards, four rows).
+  assert 5e10 < float(found.group(1)) < 3e11 and 0 < int(found.group(2)) <= 150

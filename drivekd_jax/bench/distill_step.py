@@ -28,7 +28,10 @@ resident memory while the timed steps run (the kernel's high-water mark VmHWM, r
 and the whole-process peak
 (`resource.getrusage(RUSAGE_SELF).ru_maxrss`, imports and XLA compilation included).
 Timings exclude the first (warm-up / compile) step; the median and the best step are both
-reported. How to read the figures, and the figures themselves: `docs/benchmarks.md` §1.1, §2.1.
+reported. For ours it also prints the step's matmul FLOPs (from the compiled HLO, `hlo_stats`),
+the rate they run at, and that rate against this machine's fp32 matmul rate through XLA (a
+2048x2048 product): how much room is left for any implementation doing the same products.
+How to read the figures, and the figures themselves: `docs/benchmarks.md` §1.1, §2.1.
 """
 
 from __future__ import annotations
@@ -112,6 +115,7 @@ def run_jax(steps: int) -> dict:
   import jax
   from flax import nnx
 
+  from drivekd_jax.bench import hlo_stats
   from drivekd_jax.distill.signals import DistillConfig
   from drivekd_jax.models.config import DecoderConfig, InternVLConfig, VisionConfig
   from drivekd_jax.models.internvl import InternVL
@@ -166,15 +170,17 @@ def run_jax(steps: int) -> dict:
   batch = jax.device_put(batch)
   teachers = distillation.teacher_states
   t0 = time.perf_counter()
-  state, metrics = jitted(state, batch, jax.random.key(0), teachers)
+  compiled = jitted.lower(state, batch, jax.random.key(0), teachers).compile()
+  state, metrics = compiled(state, batch, jax.random.key(0), teachers)
   jax.block_until_ready(metrics)
   compile_s = time.perf_counter() - t0
+  flops = hlo_stats.analyze(compiled.as_text()).flops
   times = []
   _release_freed_memory()
   setup_peak = _reset_window_peak()
   for i in range(steps):
     t0 = time.perf_counter()
-    state, metrics = jitted(state, batch, jax.random.key(i), teachers)
+    state, metrics = compiled(state, batch, jax.random.key(i), teachers)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t0)
   return {
@@ -186,7 +192,27 @@ def run_jax(steps: int) -> dict:
     "step_peak_rss_mb": _window_peak_mb(),
     "peak_rss_mb": max(setup_peak, _peak_rss_mb()),
     "loss": float(metrics["loss"]),
+    "matmul_flops_per_step": flops,
+    "matmul_flops_per_second": flops / float(np.median(times)),
+    "machine_matmul_flops_per_second": matmul_rate(),
   }
+
+
+def matmul_rate(size: int = 2048, repeats: int = 5) -> float:
+  """This machine's fp32 matmul FLOP/s through XLA: the best of `repeats` timed products of two
+  `[size, size]` matrices (a ceiling for the step's matmul rate)."""
+  import jax
+  import jax.numpy as jnp
+
+  a = jnp.ones((size, size), jnp.float32)
+  product = jax.jit(lambda a, b: a @ b)
+  product(a, a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    product(a, a).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2.0 * size**3 / best
 
 
 # ----------------------------------------------------------------------------------- PyTorch
@@ -469,6 +495,13 @@ def main(argv=None) -> None:
       f"{r['peak_rss_mb']:.0f} MB)"
     )
   jax_r = results.get("jax")
+  if jax_r is not None:
+    rate, peak = jax_r["matmul_flops_per_second"], jax_r["machine_matmul_flops_per_second"]
+    print(
+      f"jax step: {jax_r['matmul_flops_per_step']:.3g} matmul FLOPs (HLO) at "
+      f"{rate / 1e9:.0f} GFLOP/s, {rate / peak:.0%} of this machine's fp32 matmul rate "
+      f"({peak / 1e9:.0f} GFLOP/s, a 2048x2048 product)"
+    )
   for name, torch_r in results.items():
     if jax_r is None or name == "jax":
       continue
