@@ -228,6 +228,10 @@ def assemble_distillation(
     abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params))
     state = jax.eval_shape(init, params, frozen) if abstract else init(params, frozen)
     teacher_shardings = tuple(shardings_of(t) for t in teacher_states)
+  placement = None
+  if mesh is not None:
+    rules = rules if rules is not None else sharding_lib.rules_from_config()
+    placement = sharding_lib.activation_placement(mesh, rules)
   step_fn = step_lib.make_train_step(
     distill,
     student_graphdef=graphdef,
@@ -238,11 +242,7 @@ def assemble_distillation(
     parallel_samples=parallel_samples,
     mesh=mesh,
     remat=remat,
-    activation_placement=None
-    if mesh is None
-    else sharding_lib.activation_placement(
-      mesh, rules if rules is not None else sharding_lib.rules_from_config()
-    ),
+    activation_placement=placement,
   )
   return Distillation(
     graphdef,
