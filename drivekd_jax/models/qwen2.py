@@ -23,6 +23,7 @@ Padding, positions and the cache
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import flax.struct
@@ -492,13 +493,7 @@ class Decoder(nnx.Module):
       i in request.full_layers or i in request.text_to_image_layers,
       i in request.hidden_layers,
     )
-    layers = list(layers)
-    runs = [[layers[0]]] if layers else []
-    for i in layers[1:]:
-      if kinds(i) == kinds(runs[-1][-1]):
-        runs[-1].append(i)
-      else:
-        runs.append([i])
+    runs = [list(run) for _, run in itertools.groupby(layers, key=kinds)]
     full_maps, t2i_maps, hidden_states = {}, {}, {}
     for run in runs:
       want_map, want_hidden = kinds(run[0])
